@@ -1,0 +1,67 @@
+"""The balancer contract: a pure map (Gramian, losses, own state) -> coefficients c, with d = G c.
+
+Balancers never see parameters, devices or process groups; the engine moves tensors and calls them on
+the host with a T x T Gramian. Inside, everything is float64 NumPy; the boundary converts.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from dist_mtl.balancers._arrays import ArrayLike, as_gramian, as_losses, to_torch
+
+
+@dataclass(frozen=True)
+class BalancerOutput:
+    """Coefficients (float64, CPU, shape (T,)) of the direction d = G c, and scalar diagnostics to log."""
+
+    coefficients: torch.Tensor
+    info: dict[str, float] = field(default_factory=dict)
+
+
+class Balancer(ABC):
+    """Base class: validates and converts the inputs, subclasses implement `weights` on NumPy arrays."""
+
+    name: ClassVar[str]
+
+    @property
+    def needs_losses(self) -> bool:
+        """Whether `__call__` reads the task losses (callers may pass None otherwise)."""
+        return False
+
+    def __call__(self, M: ArrayLike, losses: ArrayLike | None = None) -> BalancerOutput:
+        gramian = as_gramian(M)
+        task_losses = as_losses(losses, gramian.shape[0]) if self.needs_losses else None
+        coefficients, info = self.weights(gramian, task_losses)
+        return BalancerOutput(to_torch(coefficients), {k: float(v) for k, v in info.items()})
+
+    @abstractmethod
+    def weights(self, M: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, dict[str, float]]:
+        """Coefficients c for a symmetric, finite float64 Gramian M (and losses if `needs_losses`)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to checkpoint; stateless balancers have none."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` output; a stateless balancer accepts only an empty dict."""
+        if state:
+            raise ValueError(f"balancer {self.name!r} is stateless; got state keys {sorted(state)}")
+
+
+def solver_info(prefix: str, iterations: int, gap: float, converged: bool) -> dict[str, float]:
+    """The min-norm diagnostics every solving balancer logs under the same keys."""
+    return {
+        f"{prefix}_iterations": float(iterations),
+        f"{prefix}_gap": gap,
+        f"{prefix}_converged": float(converged),
+    }
+
+
+def uniform_weights(num_tasks: int) -> np.ndarray:
+    return np.full(num_tasks, 1.0 / num_tasks)

@@ -1,0 +1,39 @@
+"""Balancers by name, with their options checked up front (a typo fails at build time, not mid-run)."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from dist_mtl.balancers.base import Balancer
+from dist_mtl.balancers.getmtl import GetMTL
+from dist_mtl.balancers.mamg import MAMG
+from dist_mtl.balancers.mgda import MGDA
+from dist_mtl.balancers.uniform import Uniform
+
+_REGISTRY: dict[str, type[Balancer]] = {"uniform": Uniform, "mgda": MGDA, "getmtl": GetMTL, "mamg": MAMG}
+BALANCER_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def balancer_options(name: str) -> tuple[str, ...]:
+    """The keyword options `build_balancer(name, ...)` accepts."""
+    return tuple(f.name for f in fields(_balancer_class(name)) if f.init)
+
+
+def build_balancer(name: str, **options: Any) -> Balancer:
+    """A balancer by registry name; unknown names, unknown options and invalid values raise ValueError."""
+    cls = _balancer_class(name)
+    valid = balancer_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"balancer {name!r} does not take option(s) {', '.join(unknown)}; "
+            f"valid options: {', '.join(valid) or '(none)'}"
+        )
+    return cls(**options)
+
+
+def _balancer_class(name: str) -> type[Balancer]:
+    if name not in _REGISTRY:
+        raise ValueError(f"balancer.name must be one of {', '.join(BALANCER_NAMES)}; got {name!r}")
+    return _REGISTRY[name]

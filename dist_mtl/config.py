@@ -1,0 +1,303 @@
+"""One dataclass tree for a run: YAML files, dotted command-line overrides, validation at load.
+
+Every field has a comment that says what it does; `load_config` rejects unknown keys and invalid
+values with the field's full dotted path and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the dotted path."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "multidigits"  # multidigits | synthetic | celeba
+    tasks: str = "pair"  # multidigits: "pair" (left/right digit) or "binary" (derived binary tasks)
+    num_tasks: int = 0  # multidigits binary / synthetic: number of tasks (0 = the data set's default)
+    train_size: int = 20000  # composed / generated training samples (multidigits, synthetic)
+    test_size: int = 4000  # composed / generated test samples
+    input_dim: int = 64  # synthetic: input dimension
+    path: str = ""  # celeba: directory of webdataset shards written by `dist-mtl data celeba`
+    image_size: int = 64  # celeba: images are resized to this square size
+    max_samples: int = 0  # celeba: cap on samples read per split (0 = all)
+    batch_size: int = 256  # global batch per task group (every rank of a group sees the same batch)
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "lenet"  # mlp | lenet | resnet18
+    hidden: list[int] = field(default_factory=lambda: [256, 256])  # mlp hidden widths
+    rep_dim: int = 64  # width of the representation Z (mlp, lenet)
+    width: int = 64  # resnet18 base width (64 in the MGDA CelebA recipe)
+
+
+@dataclass
+class BalancerConfig:
+    name: str = "mgda"  # uniform | mgda | getmtl | mamg
+    normalization: str = "none"  # mgda / getmtl: gradient normalisation none | l2 | loss | loss+
+    apply: str = "adopted"  # mgda: "adopted" (c = a / n) or "official" (c = a, as the official code)
+    eps: float = 0.5  # getmtl: trade-off radius in (0, 1]
+    seed: int = 0  # mamg: seed of the per-step random task order
+    tol: float = 1e-10  # min-norm solver: relative duality-gap tolerance
+    max_iter: int = 1000  # min-norm solver: iteration cap
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam | sgd
+    lr: float = 2e-3  # learning rate (> 0)
+    momentum: float = 0.9  # sgd momentum
+    weight_decay: float = 0.0  # L2 weight decay (>= 0)
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "exact"  # exact: T backward passes into the encoder; rep: MGDA-UB on representation gradients
+    epochs: int = 3  # passes over the training set (ignored when steps > 0)
+    steps: int = 0  # total optimizer steps (0 = derive from epochs)
+    eval_every: int = 0  # evaluate every N steps (0 = once per epoch and at the end)
+    log_every: int = 10  # write scalars every N steps
+    checkpoint_every: int = 0  # write a checkpoint every N steps (0 = only at the end)
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch intra-op threads per process (0 = leave torch's default)
+    progress: bool = True  # show a progress bar (rank 0 only)
+    cosines: bool = False  # log pairwise cosines of task gradients (exact mode, every log step)
+
+
+@dataclass
+class EngineConfig:
+    protocol: str = "gramian"  # gather | gramian | sketch | rep (used when world size > 1)
+    replicas: int = 0  # D: data-parallel replicas (0 = world_size // task_parallel)
+    task_parallel: int = 0  # K: ranks per task group (0 = world_size // replicas, or world size)
+    split: list[int] = field(default_factory=list)  # tasks per rank of a task group (empty = balanced)
+    compression: str = "none"  # gather: none | fp16 | bf16 | topk | countsketch
+    topk_ratio: float = 0.01  # gather topk: fraction of coordinates kept, in (0, 1]
+    sketch_size: int = 4096  # sketch / countsketch: sketch width m (>= 1)
+    sketch_seed: int = 0  # seed of the shared count-sketch hashes
+    timeout_s: float = 120.0  # collective timeout; a dead rank fails the job within about this bound
+    checksum_every: int = 50  # compare replicated parameters across ranks every N steps (0 = never)
+
+
+@dataclass
+class ObserveConfig:
+    tensorboard: bool = True  # write TensorBoard event files under RUN_DIR/tb
+    jsonl: bool = True  # write RUN_DIR/metrics/rank{N}.jsonl
+    profiler_start: int = 0  # first step of a torch.profiler window
+    profiler_steps: int = 0  # length of the torch.profiler window (0 = off)
+    sync_cuda: bool = False  # synchronize CUDA at phase boundaries for exact per-phase GPU times
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/multidigits_mgda"  # where checkpoints, logs and summary.json go
+    seed: int = 0  # seeds data order, initialisation and balancer randomness
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    balancer: BalancerConfig = field(default_factory=BalancerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    observe: ObserveConfig = field(default_factory=ObserveConfig)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.name": ("multidigits", "synthetic", "celeba"),
+    "data.tasks": ("pair", "binary"),
+    "model.encoder": ("mlp", "lenet", "resnet18"),
+    "balancer.name": ("uniform", "mgda", "getmtl", "mamg"),
+    "balancer.normalization": ("none", "l2", "loss", "loss+"),
+    "balancer.apply": ("adopted", "official"),
+    "optim.name": ("adam", "sgd"),
+    "train.mode": ("exact", "rep"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "engine.protocol": ("gather", "gramian", "sketch", "rep"),
+    "engine.compression": ("none", "fp16", "bf16", "topk", "countsketch"),
+}
+
+_POSITIVE = (
+    "data.batch_size",
+    "optim.lr",
+    "balancer.tol",
+    "balancer.max_iter",
+    "train.log_every",
+    "engine.timeout_s",
+    "engine.sketch_size",
+    "data.image_size",
+    "data.input_dim",
+    "model.rep_dim",
+    "model.width",
+)
+_NON_NEGATIVE = (
+    "data.num_tasks",
+    "data.train_size",
+    "data.test_size",
+    "data.max_samples",
+    "optim.momentum",
+    "optim.weight_decay",
+    "train.epochs",
+    "train.steps",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.threads",
+    "engine.replicas",
+    "engine.task_parallel",
+    "engine.checksum_every",
+    "observe.profiler_start",
+    "observe.profiler_steps",
+    "seed",
+)
+
+
+def _get(cfg: RunConfig, path: str) -> Any:
+    obj: Any = cfg
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check every value that has a limited domain; raise ConfigError naming the field."""
+    for path, choices in _CHOICES.items():
+        value = _get(cfg, path)
+        if value not in choices:
+            raise ConfigError(f"{path} must be one of {', '.join(choices)}; got {value!r}")
+    for path in _POSITIVE:
+        if not _get(cfg, path) > 0:
+            raise ConfigError(f"{path} must be > 0; got {_get(cfg, path)!r}")
+    for path in _NON_NEGATIVE:
+        if _get(cfg, path) < 0:
+            raise ConfigError(f"{path} must be >= 0; got {_get(cfg, path)!r}")
+    if not 0.0 < cfg.balancer.eps <= 1.0:
+        raise ConfigError(f"balancer.eps must be in (0, 1]; got {cfg.balancer.eps!r}")
+    if not 0.0 < cfg.engine.topk_ratio <= 1.0:
+        raise ConfigError(f"engine.topk_ratio must be in (0, 1]; got {cfg.engine.topk_ratio!r}")
+    if any(w <= 0 for w in cfg.model.hidden):
+        raise ConfigError(f"model.hidden widths must be > 0; got {cfg.model.hidden!r}")
+    if any(n <= 0 for n in cfg.engine.split):
+        raise ConfigError(f"engine.split entries must be >= 1 task per rank; got {cfg.engine.split!r}")
+    if cfg.data.name == "celeba" and not cfg.data.path:
+        raise ConfigError("data.path must name a directory of CelebA shards when data.name is 'celeba'")
+    if cfg.data.path and not Path(cfg.data.path).exists():
+        raise ConfigError(f"data.path: no such file or directory: {cfg.data.path}")
+    if cfg.train.epochs == 0 and cfg.train.steps == 0:
+        raise ConfigError("train.epochs and train.steps are both 0: set one of them to a positive number")
+    if not cfg.run_dir:
+        raise ConfigError("run_dir must not be empty")
+    return cfg
+
+
+def _coerce(path: str, value: Any, annotation: Any) -> Any:
+    """Convert a YAML / command-line value to the field's type, or raise naming the field."""
+    origin = typing.get_origin(annotation)
+    if origin in (list, Sequence):
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            value = [] if value in ([""], None) else value
+        if not isinstance(value, list):
+            raise ConfigError(f"{path} must be a list of {item_type.__name__}; got {value!r}")
+        return [_coerce(f"{path}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{path}: unsupported annotation {annotation}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{path} must be true or false; got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path} must be an integer; got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path} must be an integer; got {value!r}") from None
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path} must be a number; got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path} must be a number; got {value!r}") from None
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{path} must be a string; got {value!r}")
+        return str(value)
+    raise ConfigError(f"{path}: unsupported annotation {annotation}")
+
+
+def _merge(obj: Any, values: Mapping[str, Any], prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {path!r}; valid keys here: {', '.join(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ConfigError(
+                    f"{path} must be a mapping of {', '.join(f.name for f in dataclasses.fields(current))}"
+                )
+            _merge(current, value, f"{path}.")
+        else:
+            setattr(obj, key, _coerce(path, value, hints[key]))
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """Turn ["a.b=1", "c=x"] into a nested mapping; values are parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. optim.lr=0.01)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Defaults, then the YAML file (if any), then dotted overrides; validated."""
+    cfg = RunConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        _merge(cfg, loaded, "")
+    _merge(cfg, parse_overrides(overrides), "")
+    return validate(cfg)
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,136 @@
+"""Read CelebA webdataset shards: whole splits into memory, or one replica's shards as a stream.
+
+Streams are sharded by *replica index*, not by rank: every rank of a task group shares one batch, so
+all of them must read the same samples in the same order. Replica r of D reads shards r, r + D,
+r + 2D, ... of the split; ranks that pass the same replica index (and seed) get identical sequences,
+and different replica indices read disjoint shards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from dist_mtl.data.base import MultiTaskDataset, TaskSpec
+from dist_mtl.data.celeba_layout import CELEBA_SPLITS
+from dist_mtl.data.celeba_manifest import IMAGE_KEY, LABEL_KEY, CelebAManifest, read_manifest
+from dist_mtl.data.images import resize_square, to_chw
+from dist_mtl.data.options import require_choice, require_int
+
+
+def replica_shards(
+    manifest: CelebAManifest, split: str, *, replica_index: int, num_replicas: int
+) -> tuple[str, ...]:
+    """Names of the shards of ``split`` that replica ``replica_index`` of ``num_replicas`` reads."""
+    shards = manifest.shards(split)
+    if not 0 <= replica_index < num_replicas:
+        raise ValueError(f"replica_index must be in [0, {num_replicas}), got {replica_index}")
+    if not shards:
+        raise ValueError(f"split {split!r} has no samples in this shard directory")
+    if num_replicas > len(shards):
+        largest = max(manifest.count(split) // num_replicas, 1)
+        raise ValueError(
+            f"split {split!r} has {len(shards)} shards but {num_replicas} replicas read it; every replica "
+            f"needs a shard: convert again with shard_size <= {largest}"
+        )
+    return tuple(shard.name for shard in shards[replica_index::num_replicas])
+
+
+def _shard_urls(directory: Path, names: tuple[str, ...]) -> list[str]:
+    urls = [str(directory / name) for name in names]
+    for url in urls:
+        if not os.path.isfile(url):
+            raise FileNotFoundError(f"{url}: shard listed in the manifest is missing")
+    return urls
+
+
+def _samples(
+    urls: list[str], manifest: CelebAManifest, image_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Decoded (x, y) pairs of the shards, in order; x normalised with the manifest statistics."""
+    if not urls:
+        return
+    mean = np.asarray(manifest.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(manifest.std, dtype=np.float32)[:, None, None]
+    # Shards are chosen by the caller, so webdataset's own node and worker splitting is switched off.
+    pipeline = wds.WebDataset(
+        urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
+    ).decode("pil")
+    for sample in pipeline:
+        x = (to_chw(resize_square(sample[IMAGE_KEY], image_size)) - mean) / std
+        yield torch.from_numpy(x), torch.from_numpy(np.asarray(sample[LABEL_KEY], dtype=np.int64))
+
+
+def iter_celeba_shards(
+    path: str | os.PathLike[str],
+    split: str,
+    *,
+    replica_index: int,
+    num_replicas: int,
+    image_size: int = 64,
+    seed: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """An iterator of (x float32 (3, s, s), y int64 (40,)) over this replica's shards of ``split``.
+
+    ``seed=None`` visits the shards in manifest order; an integer permutes this replica's shards with
+    that seed (pass the same seed on every rank of the group, e.g. ``seed + epoch``). Arguments and
+    files are checked here, before the first sample is read.
+    """
+    directory = Path(path)
+    manifest = read_manifest(directory)
+    require_int("image_size", image_size, minimum=1)
+    names = replica_shards(manifest, split, replica_index=replica_index, num_replicas=num_replicas)
+    if seed is not None:
+        names = tuple(names[i] for i in np.random.default_rng(seed).permutation(len(names)))
+    return _samples(_shard_urls(directory, names), manifest, image_size)
+
+
+def load_celeba_split(
+    path: str | os.PathLike[str], split: str, *, image_size: int = 64, max_samples: int | None = None
+) -> MultiTaskDataset:
+    """The first ``max_samples`` samples (default: all) of ``split`` in manifest order, in memory."""
+    directory = Path(path)
+    manifest = read_manifest(directory)
+    names = tuple(shard.name for shard in manifest.shards(split))
+    pairs = list(itertools.islice(_samples(_shard_urls(directory, names), manifest, image_size), max_samples))
+    if pairs:
+        x = torch.stack([p[0] for p in pairs])
+        y = torch.stack([p[1] for p in pairs])
+    else:
+        x = torch.empty((0, 3, image_size, image_size))
+        y = torch.empty((0, len(manifest.attributes)), dtype=torch.int64)
+    return MultiTaskDataset(x=x, y=y, tasks=tuple(TaskSpec(name, 2) for name in manifest.attributes))
+
+
+def build_celeba(
+    *,
+    seed: int,
+    path: str | os.PathLike[str] | None = None,
+    image_size: int = 64,
+    max_samples: int | None = None,
+    test_split: str = "test",
+) -> tuple[MultiTaskDataset, MultiTaskDataset]:
+    """Train split and ``test_split`` ("val" or "test") of a shard directory, in memory.
+
+    Samples come in manifest order (the first ``max_samples`` of each split), so ``seed`` does not
+    change the data; the trainer's seeded batch order does the shuffling.
+    """
+    if path is None:
+        raise ValueError(
+            "data.path: celeba needs the directory of shards written by `dist-mtl data celeba ROOT OUT`"
+        )
+    if not Path(path).exists():
+        raise FileNotFoundError(f"data.path: no such directory: {path}")
+    require_int("image_size", image_size, minimum=1)
+    if max_samples is not None:
+        require_int("max_samples", max_samples, minimum=1)
+    require_choice("test_split", test_split, tuple(s for s in CELEBA_SPLITS if s != "train"))
+    train = load_celeba_split(path, "train", image_size=image_size, max_samples=max_samples)
+    test = load_celeba_split(path, test_split, image_size=image_size, max_samples=max_samples)
+    return train, test

@@ -1,0 +1,68 @@
+"""Flat views of gradients: task gradients as rows of one matrix, and a flat buffer backing `.grad`.
+
+The shared parameters' gradients live in one contiguous buffer whose slices are the parameters'
+`.grad` tensors, so writing a direction d into the buffer is one copy, with no loop over
+parameter tensors in the per-step path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def flatten_grads(grads: Sequence[torch.Tensor | None], params: Sequence[nn.Parameter]) -> torch.Tensor:
+    """Concatenate per-parameter gradients into one vector; unused parameters contribute zeros."""
+    return torch.cat(
+        [
+            (g if g is not None else torch.zeros_like(p)).reshape(-1)
+            for g, p in zip(grads, params, strict=True)
+        ]
+    )
+
+
+class FlatGradBuffer:
+    """One contiguous gradient buffer whose slices are attached as the parameters' `.grad`."""
+
+    def __init__(self, params: Sequence[nn.Parameter], out: torch.Tensor | None = None) -> None:
+        """`out` (optional, at least as long as the parameters) lets the buffer live inside a larger one,
+        so that gradients and whatever travels with them go through one collective."""
+        self.params = list(params)
+        self.numel = sum(p.numel() for p in self.params)
+        first = self.params[0]
+        if out is None:
+            out = torch.zeros(self.numel, dtype=first.dtype, device=first.device)
+        self.buffer = out
+        self.attach()
+
+    def attach(self) -> None:
+        """(Re)attach the views; needed after anything that replaced `.grad` (e.g. zero_grad(set_to_none))."""
+        offset = 0
+        for p in self.params:
+            p.grad = self.buffer[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+
+    def write(self, flat: torch.Tensor) -> None:
+        self.buffer.copy_(flat)
+
+
+def task_losses(logits: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """Batch-mean cross-entropy of each task; `targets` is (B, len(logits)) class indices."""
+    return torch.stack([nn.functional.cross_entropy(out, targets[:, i]) for i, out in enumerate(logits)])
+
+
+def flatten_parameters(params: Sequence[nn.Parameter]) -> torch.Tensor:
+    """Move the parameters' storage into one flat tensor and return it; each parameter becomes a view.
+
+    In-place updates (optimizer steps, `load_state_dict`) keep writing into the flat tensor, so a
+    checksum or a collective over all of them is one operation instead of a loop over tensors.
+    """
+    params = list(params)
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        p.data = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return flat

@@ -1,0 +1,101 @@
+"""Single-process training steps: the plain reference the distributed engine must reproduce.
+
+`ExactStep` runs T backward passes into the shared parameters (MGDA Algorithm 2); `RepStep` is
+MGDA-UB: head-only backward passes give the representation gradients, then one encoder backward
+with the balanced representation gradient. In both, head t is updated with its own gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dist_mtl.balancers import Balancer
+from dist_mtl.gradients import FlatGradBuffer, flatten_grads, task_losses
+from dist_mtl.models import MultiTaskModel
+from dist_mtl.observe import StepRecorder
+from dist_mtl.solve import Solution, solve_on_host
+
+
+@dataclass
+class StepResult:
+    solution: Solution  # coefficients, losses and diagnostics on the host
+
+    @property
+    def skipped(self) -> bool:
+        return self.solution.skipped
+
+
+class ExactStep:
+    """T backward passes into the shared parameters; direction d = G c from the balancer."""
+
+    def __init__(self, model: MultiTaskModel, balancer: Balancer, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model
+        self.balancer = balancer
+        self.optimizer = optimizer
+        self.shared = model.shared_parameters()
+        self.heads = [p for t in range(model.num_tasks) for p in model.head_parameters(t)]
+        self.shared_grad = FlatGradBuffer(self.shared)
+        self.head_grad = FlatGradBuffer(self.heads)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder) -> StepResult:
+        tasks = range(self.model.num_tasks)
+        with rec.phase("forward"):
+            losses = task_losses(self.model.head_logits(self.model.encode(x), tasks), y)
+        with rec.phase("backward"):
+            rows = [
+                flatten_grads(
+                    torch.autograd.grad(losses[t], self.shared, retain_graph=True, allow_unused=True),
+                    self.shared,
+                )
+                for t in tasks
+            ]
+            grads = torch.stack(rows)
+            self.head_grad.buffer.zero_()
+            losses.sum().backward(inputs=self.heads)
+        with rec.phase("solve"):
+            solution = solve_on_host(self.balancer, grads @ grads.T, losses)
+        if solution.skipped:
+            return StepResult(solution)
+        with rec.phase("apply"):
+            self.shared_grad.write(solution.coefficients.to(grads) @ grads)
+        with rec.phase("optimizer"):
+            self.optimizer.step()
+        return StepResult(solution)
+
+
+class RepStep:
+    """MGDA-UB: balance the gradients w.r.t. the representation Z, then one encoder backward."""
+
+    def __init__(self, model: MultiTaskModel, balancer: Balancer, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model
+        self.balancer = balancer
+        self.optimizer = optimizer
+        self.shared = model.shared_parameters()
+        self.heads = [p for t in range(model.num_tasks) for p in model.head_parameters(t)]
+        self.shared_grad = FlatGradBuffer(self.shared)
+        self.head_grad = FlatGradBuffer(self.heads)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder) -> StepResult:
+        tasks = range(self.model.num_tasks)
+        with rec.phase("forward"):
+            z = self.model.encode(x)
+            z_leaf = z.detach().requires_grad_(True)
+            losses = task_losses(self.model.head_logits(z_leaf, tasks), y)
+        with rec.phase("backward"):
+            rows = [torch.autograd.grad(losses[t], z_leaf, retain_graph=True)[0].reshape(-1) for t in tasks]
+            rep_grads = torch.stack(rows)
+            self.head_grad.buffer.zero_()
+            losses.sum().backward(inputs=self.heads)
+        with rec.phase("solve"):
+            solution = solve_on_host(self.balancer, rep_grads @ rep_grads.T, losses)
+        if solution.skipped:
+            return StepResult(solution)
+        with rec.phase("apply"):
+            z_grad = (solution.coefficients.to(rep_grads) @ rep_grads).view_as(z)
+            self.shared_grad.buffer.zero_()
+            z.backward(z_grad, inputs=self.shared)
+        with rec.phase("optimizer"):
+            self.optimizer.step()
+        return StepResult(solution)

@@ -1,0 +1,63 @@
+"""The host side of a step: one copy of the Gramian and losses to the CPU, the balancer, diagnostics.
+
+This is the only device-to-host transfer in a training step. A non-finite Gramian or loss skips
+the step (the caller leaves the parameters alone and counts it) instead of poisoning them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from dist_mtl.balancers import Balancer
+
+
+@dataclass
+class Solution:
+    """Balancer result on the host, in float64."""
+
+    coefficients: torch.Tensor  # (T,) direction d = G c
+    losses: torch.Tensor  # (T,) the task losses that went into the solve
+    skipped: bool  # True when the Gramian or losses were not finite
+    info: dict[str, float] = field(default_factory=dict)
+
+
+def gramian_diagnostics(gramian: np.ndarray, coefficients: np.ndarray) -> dict[str, float]:
+    """Pairwise cosines of the task gradients and whether d decreases every task to first order."""
+    norms = np.sqrt(np.clip(np.diag(gramian), 0.0, None))
+    scale = np.outer(norms, norms)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cos = np.where(scale > 0, gramian / np.where(scale > 0, scale, 1.0), 0.0)
+    t = gramian.shape[0]
+    out = {"grad/norm_mean": float(norms.mean())}
+    if t > 1:
+        pairs = cos[np.triu_indices(t, k=1)]
+        out |= {
+            "grad/cos_min": float(pairs.min()),
+            "grad/cos_mean": float(pairs.mean()),
+            "grad/conflict_fraction": float((pairs < 0).mean()),
+        }
+    # <g_t, d> = (M c)_t: the first-order change of task t's loss along -d is -(M c)_t.
+    out["direction/decreases_all_tasks"] = float(bool(np.all(gramian @ coefficients > 0)))
+    return out
+
+
+def solve_on_host(balancer: Balancer, gramian: torch.Tensor, losses: torch.Tensor) -> Solution:
+    """Move (M, losses) to the CPU in one copy, check them, run the balancer."""
+    t = losses.numel()
+    packed = torch.cat([gramian.detach().reshape(-1), losses.detach().reshape(-1).to(gramian.dtype)])
+    host = packed.to("cpu", torch.float64)
+    m_host, l_host = host[: t * t].view(t, t), host[t * t :]
+    if not bool(torch.isfinite(host).all()):
+        return Solution(torch.zeros(t, dtype=torch.float64), l_host, True, {"solver/skipped": 1.0})
+    start = time.perf_counter()
+    out = balancer(m_host, l_host)
+    seconds = time.perf_counter() - start
+    coefficients = out.coefficients.to(torch.float64)
+    info = {f"solver/{k.removeprefix('solver_')}": float(v) for k, v in out.info.items()}
+    info["solver/seconds"] = seconds
+    info |= gramian_diagnostics(m_host.numpy(), coefficients.numpy())
+    return Solution(coefficients, l_host, False, info)

@@ -1,0 +1,309 @@
+"""The training loop: data -> step -> log -> eval -> checkpoint, and the run directory it writes.
+
+Batches are a pure function of (seed, step): the epoch's permutation comes from a generator seeded
+by (seed, epoch). A resumed run therefore sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm import tqdm
+
+from dist_mtl.balancers import Balancer, build_balancer
+from dist_mtl.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+from dist_mtl.config import RunConfig, config_to_dict, save_config
+from dist_mtl.data import MultiTaskDataset, build_dataset
+from dist_mtl.models import MultiTaskModel, build_model
+from dist_mtl.observe import JsonlSink, MetricSink, MultiSink, ProfilerWindow, StepRecorder, TensorBoardSink
+from dist_mtl.reference import ExactStep, RepStep, StepResult
+
+BALANCER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "uniform": (),
+    "mgda": ("normalization", "apply", "tol", "max_iter"),
+    "getmtl": ("eps", "tol", "max_iter"),
+    "mamg": ("seed",),
+}
+
+
+class Step(Protocol):
+    """One training step on the global batch; implemented by the reference and by the engine."""
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder) -> StepResult: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device is 'cuda' but no CUDA device is available; use auto or cpu")
+    return torch.device(name)
+
+
+def build_datasets(cfg: RunConfig) -> tuple[MultiTaskDataset, MultiTaskDataset]:
+    d = cfg.data
+    options: dict[str, Any] = {}
+    if d.name == "multidigits":
+        options = {"tasks": d.tasks, "train_size": d.train_size, "test_size": d.test_size}
+        if d.tasks == "binary" and d.num_tasks:
+            options["num_tasks"] = d.num_tasks
+    elif d.name == "synthetic":
+        options = {"train_size": d.train_size, "test_size": d.test_size, "input_dim": d.input_dim}
+        if d.num_tasks:
+            options["num_tasks"] = d.num_tasks
+    elif d.name == "celeba":
+        options = {"path": d.path, "image_size": d.image_size, "max_samples": d.max_samples or None}
+    return build_dataset(d.name, seed=cfg.seed, **options)
+
+
+def build_model_for(cfg: RunConfig, train: MultiTaskDataset) -> MultiTaskModel:
+    torch.manual_seed(cfg.seed)
+    m = cfg.model
+    return build_model(
+        m.encoder,
+        train.input_shape,
+        [t.num_classes for t in train.tasks],
+        hidden=m.hidden,
+        rep_dim=m.rep_dim,
+        width=m.width,
+    )
+
+
+def build_balancer_for(cfg: RunConfig) -> Balancer:
+    b = cfg.balancer
+    return build_balancer(b.name, **{k: getattr(b, k) for k in BALANCER_OPTIONS[b.name]})
+
+
+def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+def steps_per_epoch(num_samples: int, batch_size: int) -> int:
+    if batch_size > num_samples:
+        raise ValueError(f"data.batch_size {batch_size} exceeds the {num_samples} training samples")
+    return num_samples // batch_size
+
+
+def total_steps(cfg: RunConfig, num_samples: int) -> int:
+    return cfg.train.steps or cfg.train.epochs * steps_per_epoch(num_samples, cfg.data.batch_size)
+
+
+def batch_indices(num_samples: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Indices of the global batch of `step`: drop-last batches of a per-epoch seeded permutation."""
+    per_epoch = steps_per_epoch(num_samples, batch_size)
+    epoch, i = divmod(step, per_epoch)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(num_samples, generator=gen)
+    return perm[i * batch_size : (i + 1) * batch_size]
+
+
+@torch.no_grad()
+def evaluate(
+    model: MultiTaskModel, data: MultiTaskDataset, device: torch.device, batch_size: int = 1024
+) -> dict[str, dict[str, float]]:
+    """Per-task mean loss and accuracy on a whole split."""
+    was_training = model.training
+    model.eval()
+    t = len(data.tasks)
+    loss_sum = torch.zeros(t, dtype=torch.float64)
+    correct = torch.zeros(t, dtype=torch.float64)
+    for start in range(0, len(data), batch_size):
+        x = data.x[start : start + batch_size].to(device)
+        y = data.y[start : start + batch_size].to(device)
+        logits = model(x)
+        for i, out in enumerate(logits):
+            loss_sum[i] += torch.nn.functional.cross_entropy(out, y[:, i], reduction="sum").double().cpu()
+            correct[i] += (out.argmax(1) == y[:, i]).sum().double().cpu()
+    model.train(was_training)
+    n = len(data)
+    return {
+        spec.name: {"loss": float(loss_sum[i] / n), "accuracy": float(correct[i] / n)}
+        for i, spec in enumerate(data.tasks)
+    }
+
+
+def make_sinks(cfg: RunConfig, rank: int) -> MetricSink:
+    sinks: list[MetricSink] = []
+    run_dir = Path(cfg.run_dir)
+    if cfg.observe.jsonl:
+        sinks.append(JsonlSink(run_dir / "metrics" / f"rank{rank}.jsonl"))
+    if cfg.observe.tensorboard and rank == 0:
+        sinks.append(TensorBoardSink(run_dir / "tb"))
+    return MultiSink(sinks)
+
+
+@dataclass
+class Runtime:
+    """What differs between a single process and a rank of the distributed engine."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    make_step: Callable[[RunConfig, MultiTaskModel, Balancer, torch.optim.Optimizer], Step] | None = None
+    # Collective that makes rank 0's model complete (heads owned elsewhere) before eval/checkpoint.
+    gather_model: Callable[[], None] = lambda: None
+    # Checkpoint state on every rank (optimizer state of heads lives with their owners).
+    state_dict: Callable[[], dict[str, Any]] | None = None
+    load_state_dict: Callable[[dict[str, Any]], None] | None = None
+    barrier: Callable[[], None] = lambda: None
+    # Data sets already built (the engine needs T to validate the layout before any process-group work).
+    datasets: tuple[MultiTaskDataset, MultiTaskDataset] | None = None
+
+
+def reference_step(
+    cfg: RunConfig, model: MultiTaskModel, balancer: Balancer, optimizer: torch.optim.Optimizer
+) -> Step:
+    return (ExactStep if cfg.train.mode == "exact" else RepStep)(model, balancer, optimizer)
+
+
+def step_scalars(result: StepResult, task_names: list[str]) -> dict[str, float]:
+    """Losses, weights and solver diagnostics for one step (already on the host)."""
+    sol = result.solution
+    out = dict(sol.info)
+    losses = sol.losses.tolist()
+    weights = sol.coefficients.tolist()
+    for name, loss, w in zip(task_names, losses, weights, strict=True):
+        out[f"loss/{name}"] = loss
+        out[f"weight/{name}"] = w
+    out["loss/mean"] = sum(losses) / len(losses)
+    return out
+
+
+def train(cfg: RunConfig, *, resume: bool = False, runtime: Runtime | None = None) -> dict[str, Any]:
+    """Run training as configured; returns (and on rank 0 writes) the run summary."""
+    rt = runtime or Runtime(device=resolve_device(cfg.train.device))
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    run_dir = Path(cfg.run_dir)
+    train_set, test_set = rt.datasets or build_datasets(cfg)
+    model = build_model_for(cfg, train_set).to(rt.device)
+    balancer = build_balancer_for(cfg)
+    optimizer = build_optimizer(cfg, list(model.parameters()))
+    step_fn = (rt.make_step or reference_step)(cfg, model, balancer, optimizer)
+    task_names = [t.name for t in train_set.tasks]
+    n_steps = total_steps(cfg, len(train_set))
+    per_epoch = steps_per_epoch(len(train_set), cfg.data.batch_size)
+
+    def state() -> dict[str, Any]:
+        if rt.state_dict is not None:
+            return rt.state_dict()
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "balancer": balancer.state_dict(),
+        }
+
+    start_step, skipped, history = 0, 0, []
+    if resume:
+        ckpt = load_checkpoint(checkpoint_dir(run_dir) / "last.pt")
+        if rt.load_state_dict is not None:
+            rt.load_state_dict(ckpt)
+        else:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            balancer.load_state_dict(ckpt["balancer"])
+        start_step, skipped, history = (
+            ckpt["step"],
+            ckpt.get("skipped", 0),
+            json.loads(ckpt.get("history", "[]")),
+        )
+    if rt.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    sinks = make_sinks(cfg, rt.rank)
+    sync = torch.cuda.synchronize if (cfg.observe.sync_cuda and rt.device.type == "cuda") else None
+    rec = StepRecorder(sync=sync)
+    profiler = ProfilerWindow(
+        run_dir / "profile",
+        cfg.observe.profiler_start,
+        cfg.observe.profiler_steps or 1,
+        enabled=cfg.observe.profiler_steps > 0,
+    )
+    bar = tqdm(
+        total=n_steps,
+        initial=start_step,
+        disable=not (cfg.train.progress and rt.rank == 0),
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
+    started = time.perf_counter()
+
+    def checkpoint(step: int) -> None:
+        rt.gather_model()
+        st = state()
+        if rt.rank == 0:
+            save_checkpoint(run_dir, step, {**st, "skipped": skipped, "history": json.dumps(history)})
+        rt.barrier()
+
+    def run_eval(step: int) -> dict[str, dict[str, float]]:
+        rt.gather_model()
+        metrics = evaluate(model, test_set, rt.device) if rt.rank == 0 else {}
+        if rt.rank == 0:
+            flat = {f"test/{k}/{task}": v[k] for task, v in metrics.items() for k in ("loss", "accuracy")}
+            sinks.write(step, flat)
+            history.append({"step": step, **flat})
+        return metrics
+
+    try:
+        with profiler:
+            for step in range(start_step, n_steps):
+                with rec.phase("data"):
+                    idx = batch_indices(len(train_set), cfg.data.batch_size, cfg.seed, step)
+                    x = train_set.x[idx].to(rt.device, non_blocking=True)
+                    y = train_set.y[idx].to(rt.device, non_blocking=True)
+                result = step_fn(x, y, rec)
+                skipped += int(result.skipped)
+                profiler.step()
+                record = rec.end_step(step + 1)
+                done = step + 1
+                if done % cfg.train.log_every == 0 or done == n_steps:
+                    sinks.write(
+                        done, {**record, **step_scalars(result, task_names), "skipped_steps": skipped}
+                    )
+                    bar.set_postfix(loss=f"{float(result.solution.losses.mean()):.4f}", skipped=skipped)
+                bar.update(1)
+                epoch_end = done % per_epoch == 0
+                if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or (
+                    not cfg.train.eval_every and epoch_end and done != n_steps
+                ):
+                    run_eval(done)
+                if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done != n_steps:
+                    checkpoint(done)
+        bar.close()
+        final = run_eval(n_steps)
+        checkpoint(n_steps)
+        wall = time.perf_counter() - started
+        summary = {
+            "tasks": final,
+            "steps": n_steps,
+            "resumed_from": start_step,
+            "skipped_steps": skipped,
+            "wall_time_s": wall,
+            "world_size": rt.world_size,
+            "config": config_to_dict(cfg),
+        }
+        if rt.rank == 0:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+    finally:
+        sinks.close()
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    lines = [
+        f"steps {summary['steps']}  wall {summary['wall_time_s']:.1f}s  skipped {summary['skipped_steps']}"
+    ]
+    for name, m in summary["tasks"].items():
+        lines.append(f"  {name:<24} loss {m['loss']:.4f}  accuracy {m['accuracy']:.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,91 @@
+"""End-to-end single-process training: run directory contents, resume equality, skipped steps."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_mtl import trainer as trainer_module
+from dist_mtl.checkpoint import load_checkpoint
+from dist_mtl.config import load_config
+from dist_mtl.data import MultiTaskDataset
+from dist_mtl.trainer import train
+
+SMALL = [
+    "data.train_size=512",
+    "data.test_size=128",
+    "data.batch_size=64",
+    "model.encoder=mlp",
+    "model.hidden=[32]",
+    "model.rep_dim=16",
+    "train.progress=false",
+    "train.log_every=1",
+]
+
+
+def _cfg(tmp_path: Path, *extra: str):
+    return load_config(None, [f"run_dir={tmp_path}", *SMALL, *extra])
+
+
+def test_run_directory_has_summary_checkpoints_logs(tmp_path: Path) -> None:
+    summary = train(_cfg(tmp_path, "train.steps=8", "train.checkpoint_every=4", "train.eval_every=4"))
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["steps"] == 8 and set(on_disk["tasks"]) == {"left", "right"}
+    for metrics in on_disk["tasks"].values():
+        assert set(metrics) == {"loss", "accuracy"} and 0.0 <= metrics["accuracy"] <= 1.0
+    assert on_disk["config"]["balancer"]["name"] == "mgda" and summary["skipped_steps"] == 0
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["last.pt", "step_00000004.pt", "step_00000008.pt"]
+    assert "model" in load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert (tmp_path / "config.yaml").is_file()
+    records = [json.loads(line) for line in (tmp_path / "metrics" / "rank0.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "time/step" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert {
+        "time/forward",
+        "time/backward",
+        "time/solve",
+        "time/optimizer",
+        "weight/left",
+        "loss/right",
+        "solver/iterations",
+        "solver/gap",
+    } <= set(steps[-1])
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("balancer", ["mamg", "getmtl"])
+def test_resume_equals_uninterrupted(tmp_path: Path, balancer: str) -> None:
+    extra = [f"balancer.name={balancer}", "train.steps=6", "optim.name=adam"]
+    train(_cfg(tmp_path / "full", *extra))
+    train(_cfg(tmp_path / "resumed", *extra[:-2], "train.steps=3", "optim.name=adam"))
+    train(_cfg(tmp_path / "resumed", *extra), resume=True)
+    full = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    resumed = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    assert resumed["step"] == full["step"] == 6
+    for key, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+
+
+def test_rep_mode_trains(tmp_path: Path) -> None:
+    summary = train(_cfg(tmp_path, "train.mode=rep", "train.steps=4"))
+    assert summary["steps"] == 4 and summary["skipped_steps"] == 0
+
+
+def test_non_finite_gramian_skips_and_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = trainer_module.build_datasets
+
+    def with_a_nan_sample(cfg):
+        train_set, test_set = real(cfg)
+        x = train_set.x.clone()
+        x[5] = float("nan")
+        return MultiTaskDataset(x=x, y=train_set.y, tasks=train_set.tasks), test_set
+
+    monkeypatch.setattr(trainer_module, "build_datasets", with_a_nan_sample)
+    cfg = _cfg(tmp_path, "train.steps=16")  # two epochs of 8 batches: sample 5 is in one batch per epoch
+    summary = train(cfg)
+    assert summary["skipped_steps"] == 2
+    assert json.loads((tmp_path / "summary.json").read_text())["skipped_steps"] == 2
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
