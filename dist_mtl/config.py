@@ -25,13 +25,15 @@ class ConfigError(ValueError):
 class DataConfig:
     name: str = "multidigits"  # multidigits | synthetic | celeba
     tasks: str = "pair"  # multidigits: "pair" (left/right digit) or "binary" (derived binary tasks)
-    num_tasks: int = 0  # multidigits binary / synthetic: number of tasks (0 = the data set's default)
+    num_tasks: int | None = (
+        None  # multidigits binary / synthetic: number of tasks (None = the data set's default)
+    )
     train_size: int = 20000  # composed / generated training samples (multidigits, synthetic)
     test_size: int = 4000  # composed / generated test samples
     input_dim: int = 64  # synthetic: input dimension
     path: str = ""  # celeba: directory of webdataset shards written by `dist-mtl data celeba`
     image_size: int = 64  # celeba: images are resized to this square size
-    max_samples: int = 0  # celeba: cap on samples read per split (0 = all)
+    max_samples: int | None = None  # celeba: cap on samples read per split (None = all)
     batch_size: int = 256  # global batch per task group (every rank of a group sees the same batch)
 
 
@@ -140,10 +142,8 @@ _POSITIVE = (
     "model.width",
 )
 _NON_NEGATIVE = (
-    "data.num_tasks",
     "data.train_size",
     "data.test_size",
-    "data.max_samples",
     "optim.momentum",
     "optim.weight_decay",
     "train.epochs",
@@ -179,6 +179,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     for path in _NON_NEGATIVE:
         if _get(cfg, path) < 0:
             raise ConfigError(f"{path} must be >= 0; got {_get(cfg, path)!r}")
+    if cfg.data.num_tasks is not None and cfg.data.num_tasks < 1:
+        raise ConfigError(
+            f"data.num_tasks must be >= 1 (an empty task list cannot be trained); got {cfg.data.num_tasks}"
+        )
+    if cfg.data.max_samples is not None and cfg.data.max_samples < 1:
+        raise ConfigError(f"data.max_samples must be >= 1 or null (all samples); got {cfg.data.max_samples}")
     if not 0.0 < cfg.balancer.eps <= 1.0:
         raise ConfigError(f"balancer.eps must be in (0, 1]; got {cfg.balancer.eps!r}")
     if not 0.0 < cfg.engine.topk_ratio <= 1.0:
@@ -210,7 +216,10 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{path} must be a list of {item_type.__name__}; got {value!r}")
         return [_coerce(f"{path}[{i}]", v, item_type) for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
-        raise ConfigError(f"{path}: unsupported annotation {annotation}")
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        return _coerce(path, value, args[0])
     if annotation is bool:
         if isinstance(value, bool):
             return value

@@ -16,20 +16,13 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from dist_mtl.balancers import Balancer, build_balancer
+from dist_mtl.balancers import Balancer, balancer_options, build_balancer
 from dist_mtl.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from dist_mtl.config import RunConfig, config_to_dict, save_config
 from dist_mtl.data import MultiTaskDataset, build_dataset
 from dist_mtl.models import MultiTaskModel, build_model
 from dist_mtl.observe import JsonlSink, MetricSink, MultiSink, ProfilerWindow, StepRecorder, TensorBoardSink
 from dist_mtl.reference import ExactStep, RepStep, StepResult
-
-BALANCER_OPTIONS: dict[str, tuple[str, ...]] = {
-    "uniform": (),
-    "mgda": ("normalization", "apply", "tol", "max_iter"),
-    "getmtl": ("eps", "tol", "max_iter"),
-    "mamg": ("seed",),
-}
 
 
 class Step(Protocol):
@@ -51,14 +44,14 @@ def build_datasets(cfg: RunConfig) -> tuple[MultiTaskDataset, MultiTaskDataset]:
     options: dict[str, Any] = {}
     if d.name == "multidigits":
         options = {"tasks": d.tasks, "train_size": d.train_size, "test_size": d.test_size}
-        if d.tasks == "binary" and d.num_tasks:
+        if d.tasks == "binary" and d.num_tasks is not None:
             options["num_tasks"] = d.num_tasks
     elif d.name == "synthetic":
         options = {"train_size": d.train_size, "test_size": d.test_size, "input_dim": d.input_dim}
-        if d.num_tasks:
+        if d.num_tasks is not None:
             options["num_tasks"] = d.num_tasks
     elif d.name == "celeba":
-        options = {"path": d.path, "image_size": d.image_size, "max_samples": d.max_samples or None}
+        options = {"path": d.path, "image_size": d.image_size, "max_samples": d.max_samples}
     return build_dataset(d.name, seed=cfg.seed, **options)
 
 
@@ -76,8 +69,9 @@ def build_model_for(cfg: RunConfig, train: MultiTaskDataset) -> MultiTaskModel:
 
 
 def build_balancer_for(cfg: RunConfig) -> Balancer:
+    """The configured balancer, given every config field its constructor takes."""
     b = cfg.balancer
-    return build_balancer(b.name, **{k: getattr(b, k) for k in BALANCER_OPTIONS[b.name]})
+    return build_balancer(b.name, **{k: getattr(b, k) for k in balancer_options(b.name) if hasattr(b, k)})
 
 
 def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:

@@ -14,10 +14,22 @@ ROOT = Path(__file__).parents[2]
 def test_submitit_local_executor_runs_training(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cmd = [
-        sys.executable, str(ROOT / "launch" / "submit.py"), "--executor", "local", "--folder",
-        str(tmp_path / "submitit" / "%j"), "--timeout-min", "5",
-        f"run_dir={run_dir}", "data.train_size=256", "data.test_size=64", "data.batch_size=64",
-        "model.encoder=mlp", "model.hidden=[16]", "train.steps=3", "train.progress=false",
+        sys.executable,
+        str(ROOT / "launch" / "submit.py"),
+        "--executor",
+        "local",
+        "--folder",
+        str(tmp_path / "submitit" / "%j"),
+        "--timeout-min",
+        "5",
+        f"run_dir={run_dir}",
+        "data.train_size=256",
+        "data.test_size=64",
+        "data.batch_size=64",
+        "model.encoder=mlp",
+        "model.hidden=[16]",
+        "train.steps=3",
+        "train.progress=false",
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=280, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -26,8 +38,15 @@ def test_submitit_local_executor_runs_training(tmp_path: Path) -> None:
 
 
 def test_bad_config_fails_before_submission(tmp_path: Path) -> None:
-    cmd = [sys.executable, str(ROOT / "launch" / "submit.py"), "--executor", "local",
-           "--folder", str(tmp_path / "%j"), "balancer.name=nope"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch" / "submit.py"),
+        "--executor",
+        "local",
+        "--folder",
+        str(tmp_path / "%j"),
+        "balancer.name=nope",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode != 0 and "balancer.name must be one of" in done.stderr
     assert not any(tmp_path.iterdir())

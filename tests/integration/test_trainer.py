@@ -89,3 +89,8 @@ def test_non_finite_gramian_skips_and_counts(tmp_path: Path, monkeypatch: pytest
     assert json.loads((tmp_path / "summary.json").read_text())["skipped_steps"] == 2
     last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert all(torch.isfinite(v).all() for v in last["model"].values())
+
+
+def test_too_many_tasks_names_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="data.num_tasks"):
+        train(_cfg(tmp_path, "data.tasks=binary", "data.num_tasks=500", "train.steps=1"))

@@ -46,6 +46,8 @@ def test_yaml_then_overrides_in_order(tmp_path: Path) -> None:
         (["engine.protocol=ring"], "engine.protocol must be one of gather, gramian, sketch, rep"),
         (["engine.topk_ratio=0"], "engine.topk_ratio must be in (0, 1]"),
         (["data=3"], "data must be a mapping"),
+        (["data.num_tasks=0"], "data.num_tasks must be >= 1 (an empty task list cannot be trained)"),
+        (["data.batch_size=0"], "data.batch_size must be > 0"),
         (["optim.lr"], "must look like section.key=value"),
     ],
 )
