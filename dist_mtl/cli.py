@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from dist_mtl.config import ConfigError, load_config
+from dist_mtl.data import CelebAFormatError
 
 
 def split_config_and_overrides(args: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -56,7 +57,7 @@ def _profile(ns: argparse.Namespace) -> int:
 
 
 def _data_celeba(ns: argparse.Namespace) -> int:
-    from dist_mtl.data.celeba import convert_celeba
+    from dist_mtl.data import convert_celeba
 
     manifest = convert_celeba(ns.root, ns.out, image_size=ns.image_size, shard_size=ns.shard_size)
     print(f"wrote {manifest}")
@@ -93,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, CelebAFormatError) as exc:
         print(f"dist-mtl: error: {exc}", file=sys.stderr)
         return 2
 
