@@ -36,7 +36,7 @@ import numpy as np
 from scipy.optimize import brentq
 
 from dist_mtl.balancers.base import Balancer, solver_info, uniform_weights
-from dist_mtl.balancers.min_norm import (
+from dist_mtl.balancers.solver import (
     DEFAULT_MAX_ITER,
     DEFAULT_TOL,
     EPS,
@@ -46,9 +46,9 @@ from dist_mtl.balancers.min_norm import (
 )
 
 DEFAULT_EPS = 0.025  # one of the two values the paper found best (Fig. 8: 0.0075 and 0.025)
-STEP3_TOL = 1e-8  # relative Frank-Wolfe gap of J at which step 3 counts as converged
+STEP3_TOL = 1e-8  # duality gap of J, relative to its scale on the simplex, counted as converged
 _BRACKET_FACTOR = 16.0
-_BRACKET_STEPS = 24  # rho down to 16^-24 of its upper bound before calling ||g~_w|| zero
+_BRACKET_STEPS = 40  # rho down to 16^-40 of its upper bound at most
 
 
 @dataclass(frozen=True)
@@ -61,53 +61,58 @@ class TradeOff:
 
 
 def solve_trade_off(Mt: np.ndarray, a: np.ndarray, k: float, tol: float, max_iter: int) -> TradeOff:
-    """w minimising a^T w + k ||G~ w|| over the simplex, given M~ = G~^T G~, a = G~^T g0 and k > 0."""
-    T = Mt.shape[0]
+    """w minimising F(w) = a^T w + k ||G~ w|| over the simplex, given M~ = G~^T G~, a = G~^T g0, k > 0.
+
+    w is None when the minimum is at ||G~ w|| = 0 (within STEP3_TOL of F's scale).
+    """
     s_max = math.sqrt(max(float(np.max(np.diag(Mt))), 0.0))
     if s_max == 0.0:
         return TradeOff(None, 0.0, 0)
-    zero = 64 * T * EPS * s_max**2  # ||G~ w||^2 at or below rounding of the quadratic form
+    # Rescale F by its size on the simplex (max |a_i| + k s_max, which bounds |F|) and M~ to unit
+    # diagonal, so the root search below works on numbers near 1 whatever the gradients' scale.
+    size = max(float(np.abs(a).max()), k * s_max)
+    Mt, a, k = Mt / s_max**2, a / size, k * s_max / size
+    if k == 0.0:  # the norm term underflows next to a: F is linear, its minimum a vertex
+        return TradeOff(np.eye(len(a))[int(np.argmin(a))], 0.0, 0)
+    size = float(np.abs(a).max()) + k
     support: list[int] = []
-    last: dict[str, float | np.ndarray] = {}
+    last: dict = {"solves": 0}
 
     def excess(log_rho: float) -> float:
         nonlocal support
         rho = math.exp(log_rho)
         w, _ = solve_simplex_qp(Mt, rho * a, tol, max_iter, support)
         support = np.flatnonzero(w).tolist()
-        last.update(w=w, rho=rho, s2=float(w @ Mt @ w), solves=last.get("solves", 0) + 1)
-        return math.sqrt(max(last["s2"], 0.0)) / rho - k
+        s = math.sqrt(max(float(w @ Mt @ w), 0.0))
+        last.update(w=w, rho=rho, s=s, solves=last["solves"] + 1)
+        return s / rho - k
 
-    # ||G~ w|| <= s_max, so excess < 0 from rho = 2 s_max / k on; walk down until it turns positive.
-    # ||G~ w(rho)|| does not grow as rho falls, so once it is zero the optimum has ||g~_w|| = 0.
-    hi = math.log(2.0 * s_max / k)
-    lo = hi
+    # ||G~ w|| <= 1 now, so excess < 0 from rho = 2 / k on; walk down until it turns positive.
+    # While it stays negative ||G~ w(rho)|| <= k rho shrinks with rho: once k ||G~ w|| is negligible
+    # against F's scale, the minimum is at ||g~_w|| = 0 (or within the tolerance of it).
+    lo = math.log(2.0 / k)
     for _ in range(_BRACKET_STEPS):
         lo -= math.log(_BRACKET_FACTOR)
         if excess(lo) > 0.0:
             root = brentq(excess, lo, lo + math.log(_BRACKET_FACTOR), xtol=1e-13, rtol=4 * EPS, maxiter=200)
             excess(root)
+            w = last["w"]
+            return TradeOff(w, _duality_gap(Mt, a, k, w, last["rho"]) / size, last["solves"])
+        if k * last["s"] <= 0.25 * STEP3_TOL * size:
             break
-        if last["s2"] <= zero:
-            break
-    w, rho, s2 = last["w"], last["rho"], last["s2"]
-    gap = _relative_gap(Mt, a, k, w, rho)
-    return TradeOff(None if s2 <= zero else w, gap, int(last["solves"]))
+    return TradeOff(None, _duality_gap(Mt, a, k, last["w"], last["rho"]) / size, last["solves"])
 
 
-def _relative_gap(Mt: np.ndarray, a: np.ndarray, k: float, w: np.ndarray, rho: float) -> float:
-    """Duality gap of F(w) = a^T w + k ||G~ w|| from the QP solution w = w(rho), relative to F's size.
+def _duality_gap(Mt: np.ndarray, a: np.ndarray, k: float, w: np.ndarray, rho: float) -> float:
+    """An upper bound on F(w) - min F for the QP solution w = w(rho).
 
-    F* = max over ||u|| <= 1 of min_i (a_i + k <g~_i, u>); u = mu G~ w / k with mu = min(1/rho, k/s) is
-    feasible, so min_i (a + mu M~ w)_i is a lower bound (the Frank-Wolfe bound of F when mu = k/s).
+    min F = max over ||u|| <= 1 of min_i (a_i + k <g~_i, u>); u = mu G~ w / k with mu = min(1/rho, k/s)
+    is feasible, so min_i (a + mu M~ w)_i bounds it from below (the Frank-Wolfe bound when mu = k/s).
     """
     quad = Mt @ w
     s = math.sqrt(max(float(w @ quad), 0.0))
     mu = 1.0 / rho if s == 0.0 else min(1.0 / rho, k / s)
-    upper = float(a @ w) + k * s
-    lower = float((a + mu * quad).min())
-    size = max(abs(float(a @ w)) + k * s, EPS * (float(np.abs(a).max()) + k * math.sqrt(float(Mt.max()))))
-    return max(upper - lower, 0.0) / size
+    return max(float(a @ w) + k * s - float((a + mu * quad).min()), 0.0)
 
 
 @dataclass(frozen=True)
@@ -127,14 +132,19 @@ class GetMTL(Balancer):
         check_solver_options(self.tol, self.max_iter, prefix="balancer.")
 
     def weights(self, M: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, dict[str, float]]:
+        # GetMTL is not scale invariant (k mixes powers of ||g0||), so the arithmetic runs on
+        # M / sigma^2 (sigma = the largest gradient norm) with k / sigma in place of k: J is then
+        # J / sigma^2, and c only involves k / ||g~_w||, a ratio that does not change.
         T = M.shape[0]
+        sigma = math.sqrt(max(float(np.max(np.diag(M))), 0.0))
+        M = M / sigma**2 if sigma > 0.0 else M
         beta, mgda = solve_min_norm(M, self.tol, self.max_iter)
         row_sums = M.sum(axis=1)
-        g0_norm = math.sqrt(max(float(row_sums.sum()), 0.0)) / T
-        k = math.sqrt(self.eps) * g0_norm**1.5
-        scale = 1.0 - self.eps * g0_norm
+        g0_unit = math.sqrt(max(float(row_sums.sum()), 0.0)) / T  # ||g0|| / sigma
+        k = math.sqrt(self.eps * sigma) * g0_unit**1.5  # k / sigma
+        scale = 1.0 - self.eps * sigma * g0_unit
         info = solver_info("solver", mgda.iterations, mgda.gap, mgda.converged)
-        info |= {"getmtl_g0_norm": g0_norm, "degenerate_zero_gw": 0.0, "degenerate_no_scale": 0.0}
+        info |= {"getmtl_g0_norm": sigma * g0_unit, "degenerate_zero_gw": 0.0, "degenerate_no_scale": 0.0}
         coefficients = uniform_weights(T)
         if k > 0.0:
             scaled = np.outer(beta, beta) * M
@@ -146,7 +156,7 @@ class GetMTL(Balancer):
             else:
                 gw_norm = math.sqrt(float(trade.w @ scaled @ trade.w))
                 coefficients = coefficients + (k / gw_norm) * trade.w * beta
-        if scale <= 0.0:
+        if scale <= EPS:  # zero or negative up to rounding: dividing would blow up or flip d
             info["degenerate_no_scale"] = 1.0
         else:
             coefficients = coefficients / scale

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dist_mtl.balancers.base import Balancer, solver_info
-from dist_mtl.balancers.min_norm import DEFAULT_MAX_ITER, DEFAULT_TOL, check_solver_options, solve_min_norm
+from dist_mtl.balancers.solver import DEFAULT_MAX_ITER, DEFAULT_TOL, check_solver_options, solve_min_norm
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 APPLY_MODES = ("adopted", "official")

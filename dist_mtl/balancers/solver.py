@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,7 +29,9 @@ from dist_mtl.balancers._arrays import ArrayLike, as_gramian, to_torch
 EPS = float(np.finfo(np.float64).eps)
 DEFAULT_TOL = 1e-10
 DEFAULT_MAX_ITER = 10_000
-_MIN_BATCH = 4  # vertices a major cycle may admit even when the corral is smaller
+_MIN_BATCH = 32  # vertices a major cycle may admit even when the corral is smaller
+_DROP_ROUNDS = 8  # affine solves a minor cycle may spend dropping all non-positive weights at once
+_SMALL = 64  # corrals up to this size are re-factored from scratch when points leave
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,7 @@ def _two_tasks(M: np.ndarray) -> tuple[np.ndarray, MinNormInfo]:
     else:
         g = min(max((M[1, 1] - M[0, 1]) / spread, 0.0), 1.0)
         weights, degenerate = np.array([g, 1.0 - g]), None
-    if float(weights @ M @ weights) <= 16 * 2 * EPS:
+    if float(weights @ M @ weights) <= 16 * 2 * EPS:  # the same rounding level as _wolfe's, T = 2
         degenerate = degenerate or "pareto_stationary"
     return weights, MinNormInfo(1, relative_gap(M, weights), True, degenerate)
 
@@ -124,10 +127,13 @@ def _wolfe(
 ) -> tuple[np.ndarray, MinNormInfo]:
     """Wolfe's min-norm-point algorithm for Q scaled to unit largest diagonal (so c = 1 in A).
 
-    Deviation from the textbook: a major cycle admits up to max(4, n) improving vertices at once
-    (most negative gradient first) instead of one, and the minor cycles drop those that do not
-    belong. This cuts the number of affine solves several-fold; the objective still decreases
-    strictly in every major cycle, so the algorithm still terminates.
+    Two deviations from the textbook, both keeping its termination argument (every accepted corral
+    is an affine minimiser with positive weights and a strictly smaller objective, so none repeats):
+    a major cycle admits up to max(32, n) improving vertices at once (most negative gradient first)
+    instead of one; and when the affine minimiser has non-positive weights, a minor cycle first drops
+    all of them at once (again on the smaller corral, up to _DROP_ROUNDS solves), falling back to the
+    line search if that does not end on a positive, better minimiser. On T = 1000 Gramians with
+    ~800 tasks in the support this takes ~30 affine solves instead of ~900.
     """
     T = Q.shape[0]
     tiny = T * EPS
@@ -137,17 +143,24 @@ def _wolfe(
     lam = np.empty(T)
     rows = np.empty((T, T))
     has_q = bool(q.any())
-    rhs = np.ones((T, 2 if has_q else 1), order="F")
     in_S = np.zeros(T, dtype=bool)
     L = np.zeros((min(T, 64),) * 2, order="F")
     start = int((0.5 * Q.diagonal() + q).argmin())
     S[0], rows[0], in_S[start], L[0, 0], n = start, Q[start], True, np.sqrt(Q[start, start] + 1.0), 1
-    for i in init:
-        new = slice(i, i + 1)
-        grown = None if in_S[i] else _cholesky_extend(L, n, rows[:n, new] + 1.0, Q[new, new] + 1.0)
-        if grown is not None:
-            L, S[n], rows[n], in_S[i] = grown, i, Q[i], True
-            n += 1
+    # Warm start: admit the seeds in one block, or one by one (skipping dependent ones) if that fails.
+    seeds = np.unique(np.asarray(init, dtype=np.intp))
+    blocks = [seeds[~in_S[seeds]]]
+    while blocks:
+        block = blocks.pop()
+        if not len(block):
+            continue
+        grown = _cholesky_extend(L, n, rows[:n, block] + 1.0, Q[np.ix_(block, block)] + 1.0)
+        if grown is None and len(block) > 1:
+            blocks = [block[i : i + 1] for i in range(len(block) - 1, -1, -1)]
+        elif grown is not None:
+            k = len(block)
+            L, S[n : n + k], rows[n : n + k], in_S[block] = grown, block, Q[block], True
+            n += k
     lam[:n] = 1.0 / n
     iterations, stalled, capped, f_prev = 0, False, False, np.inf
     while True:
@@ -157,20 +170,26 @@ def _wolfe(
                 capped = True
                 break
             iterations += 1
-            if has_q:
-                rhs[:n, 1] = q[S[:n]]
-                y = lapack.dpotrs(L[:n, :n], rhs[:n], lower=1)[0]
-                alpha = (1.0 + y[:, 1].sum()) / y[:, 0].sum() * y[:, 0] - y[:, 1]
-            else:
-                y = lapack.dpotrs(L[:n, :n], rhs[:n, 0], lower=1)[0]
-                alpha = y / y.sum()
+            alpha, _ = _affine_minimiser(L[:n, :n], q[S[:n]] if has_q else None)
+            if not np.isfinite(alpha).all():  # only a numerically singular factor can do this
+                stalled = True
+                break
             if alpha.min() > 0.0:
                 lam[:n] = alpha
                 break
-            n, L = _line_search_and_drop(n, L, S, lam, rows, in_S, alpha)
-            if L is None:
+            spent, trial = _drop_nonpositive(
+                L, n, rows, S, q if has_q else None, alpha, max_iter - iterations
+            )
+            iterations += spent
+            if trial is not None and trial[2] < f_prev:
+                n, L = _commit(L, n, S, lam, rows, in_S, trial[0], trial[1])
+                break
+            keep = _line_search(lam[:n], alpha)
+            subset = _subset_factor(L, n, rows, S, keep, lam[:n])
+            if subset is None:
                 stalled = True
                 break
+            n, L = _commit(L, n, S, lam, rows, in_S, subset, lam[subset.positions])
         x, in_corral = lam[:n], S[:n]
         quad = x @ rows[:n]
         x_quad = float(x @ quad[in_corral])
@@ -214,6 +233,60 @@ def _wolfe(
     return weights, MinNormInfo(iterations, rel, converged, degenerate)
 
 
+def _affine_minimiser(L: np.ndarray, q: np.ndarray | None) -> tuple[np.ndarray, float]:
+    """Minimiser of 1/2 x^T Q x + q^T x on {1^T x = 1} given the factor L of Q + 11^T, and its value.
+
+    With y1 = A^-1 1, y2 = A^-1 q: x = t y1 - y2, t = (1 + 1^T y2) / 1^T y1, and Q x + q = (t - 1) 1,
+    so the value is (t - 1 + q^T x) / 2 without another product with Q.
+    """
+    if q is None:
+        y = lapack.dpotrs(L, np.ones(L.shape[0]), lower=1)[0]
+        total = y.sum()
+        return y / total, 0.5 * (1.0 / total - 1.0)
+    y = lapack.dpotrs(L, np.column_stack([np.ones(L.shape[0]), q]), lower=1)[0]
+    t = (1.0 + y[:, 1].sum()) / y[:, 0].sum()
+    x = t * y[:, 0] - y[:, 1]
+    return x, 0.5 * (t - 1.0 + float(q @ x))
+
+
+def _drop_nonpositive(
+    L: np.ndarray,
+    n: int,
+    rows: np.ndarray,
+    S: np.ndarray,
+    q: np.ndarray | None,
+    alpha: np.ndarray,
+    budget: int,
+) -> tuple[int, tuple[_Subset, np.ndarray, float] | None]:
+    """Drop every non-positive weight and re-solve, repeatedly (at most _DROP_ROUNDS affine solves).
+
+    Returns the number of affine solves spent and, when it ends on positive weights, the kept
+    subset, its weights and objective value. Nothing in the corral is modified.
+    """
+    keep, priority = alpha > 0.0, alpha.copy()
+    for spent in range(1, min(_DROP_ROUNDS, budget) + 1):
+        subset = _subset_factor(L, n, rows, S, keep, priority)
+        if subset is None:
+            return spent - 1, None
+        weights, value = _affine_minimiser(subset.factor, None if q is None else q[S[subset.positions]])
+        if weights.min() > 0.0:
+            return spent, (subset, weights, value)
+        keep[subset.positions[weights <= 0.0]] = False
+        priority[subset.positions] = weights
+    return min(_DROP_ROUNDS, budget), None
+
+
+def _line_search(lam: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Step lam (in place) toward alpha until a weight hits 0; the mask of the positions that stay."""
+    neg = (alpha <= 0.0).nonzero()[0]
+    ratio = lam[neg] / np.maximum(lam[neg] - alpha[neg], np.finfo(np.float64).tiny)  # 0 where lam = 0
+    theta = float(ratio.min())
+    lam += theta * (alpha - lam)
+    keep = np.ones(len(lam), dtype=bool)
+    keep[neg[ratio <= theta]] = False
+    return keep
+
+
 def _cholesky_extend(L: np.ndarray, n: int, cross: np.ndarray, block: np.ndarray) -> np.ndarray | None:
     """Extend the factor L[:n, :n] of A = Q_SS + 1 by k points; None if one is affinely dependent.
 
@@ -239,44 +312,63 @@ def _cholesky_extend(L: np.ndarray, n: int, cross: np.ndarray, block: np.ndarray
     return L
 
 
-def _line_search_and_drop(
-    n: int,
-    L: np.ndarray,
-    S: np.ndarray,
-    lam: np.ndarray,
-    rows: np.ndarray,
-    in_S: np.ndarray,
-    alpha: np.ndarray,
-) -> tuple[int, np.ndarray | None]:
-    """Step from lam toward alpha until a weight hits 0, drop those points, re-factor what changed.
+class _Subset(NamedTuple):
+    """A smaller corral: old positions in their new order, the first `first` of them unmoved."""
 
-    Only the factor's rows from the first dropped position on change; when the dropped points are the
-    ones just added (the usual case) this costs little. Returns the new corral size and factor (None if
-    the re-factorisation failed, which only rounding on a numerically dependent corral can cause).
+    positions: np.ndarray
+    first: int
+    factor: np.ndarray
+
+
+def _subset_factor(
+    L: np.ndarray, n: int, rows: np.ndarray, S: np.ndarray, keep: np.ndarray, priority: np.ndarray
+) -> _Subset | None:
+    """Cholesky factor of A restricted to the kept positions, without touching the corral's buffers.
+
+    Rows before the first dropped position are unchanged; the rest is re-factored from the Schur
+    complement. That part is free to reorder, so it is sorted by decreasing `priority` (the weights):
+    the points most likely to leave next end up last, where removing them is cheap. None if rounding
+    breaks definiteness.
     """
-    cur = lam[:n]
-    neg = (alpha <= 0.0).nonzero()[0]
-    ratio = cur[neg] / np.maximum(cur[neg] - alpha[neg], np.finfo(np.float64).tiny)  # 0 where lam = 0
-    theta = float(ratio.min())
-    cur += theta * (alpha - cur)
-    drop = neg[ratio <= theta]
-    cur[drop] = 0.0
-    in_S[S[drop]] = False
-    keep = np.ones(n, dtype=bool)
-    keep[drop] = False
-    first = int(drop.min())
-    tail = first + keep[first:].nonzero()[0]
+    first = int(np.argmin(keep))
+    if n <= _SMALL:  # re-factoring everything is cheaper than the bookkeeping below
+        first = 0
+    tail = first + np.flatnonzero(keep[first:n])
+    tail = tail[np.argsort(-priority[tail], kind="stable")]
+    if not first:
+        factor, info = lapack.dpotrf(rows.take(tail, axis=0).take(S[tail], axis=1) + 1.0, lower=1, clean=1)
+        return _Subset(tail, 0, factor) if info == 0 else None
     m = first + len(tail)
-    S[first:m], lam[first:m], rows[first:m] = S[tail], cur[tail], rows[tail]
-    lam[:m] /= lam[:m].sum()
-    if m > first:
+    out = np.zeros((m, m), order="F")
+    out[:first, :first] = L[:first, :first]
+    if len(tail):
         lead = L[tail, :first]
-        block = rows[first:m, S[first:m]] + 1.0
+        block = rows.take(tail, axis=0).take(S[tail], axis=1) + 1.0  # two takes beat one 2-d gather
         if first:
             block -= lead @ lead.T
         factor, info = lapack.dpotrf(block, lower=1, clean=1)
         if info != 0:
-            return m, None
-        L[first:m, :first] = lead
-        L[first:m, first:m] = factor
+            return None
+        out[first:, :first] = lead
+        out[first:, first:] = factor
+    return _Subset(np.concatenate([np.arange(first), tail]), first, out)
+
+
+def _commit(
+    L: np.ndarray,
+    n: int,
+    S: np.ndarray,
+    lam: np.ndarray,
+    rows: np.ndarray,
+    in_S: np.ndarray,
+    subset: _Subset,
+    weights: np.ndarray,
+) -> tuple[int, np.ndarray]:
+    """Shrink the corral to `subset` with the given weights (in the subset's order)."""
+    m, first, tail = len(subset.positions), subset.first, subset.positions[subset.first :]
+    in_S[S[:n]] = False
+    S[first:m], rows[first:m] = S[tail], rows[tail]
+    in_S[S[:m]] = True
+    lam[:m] = weights / weights.sum()
+    L[:m, :m] = subset.factor
     return m, L
