@@ -218,7 +218,8 @@ def train(cfg: RunConfig, *, resume: bool = False, runtime: Runtime | None = Non
     sync = torch.cuda.synchronize if (cfg.observe.sync_cuda and rt.device.type == "cuda") else None
     rec = StepRecorder(sync=sync)
     profiler = ProfilerWindow(
-        run_dir / "profile",
+        # One trace per rank: ranks writing the same file race and lose traces.
+        run_dir / "profile" / (f"rank{rt.rank}" if rt.world_size > 1 else ""),
         cfg.observe.profiler_start,
         cfg.observe.profiler_steps or 1,
         enabled=cfg.observe.profiler_steps > 0,

@@ -1,0 +1,162 @@
+"""The one wrapper every collective of the engine goes through.
+
+It runs the collective on a named group, times it, accounts the bytes this rank sends and receives
+(the algorithm models in `traffic`) to the open phase of the step's recorder, and turns a failure
+(a dead peer closes its sockets; a stalled one trips the group's timeout) into a `CollectiveError`
+that names the operation, the group, the step and the timeout. Groups of one rank need no
+communication, so their collectives are local copies and never touch torch.distributed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dist_mtl.engine import traffic
+from dist_mtl.observe import StepRecorder
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out: a peer rank died, stalled, or the network broke."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """A process group with the global ranks it spans, in group order."""
+
+    name: str  # world | task | replica
+    ranks: tuple[int, ...]
+    pg: dist.ProcessGroup | None  # None for a group of one rank
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    def index(self, rank: int) -> int:
+        return self.ranks.index(rank)
+
+
+class Comm:
+    """Runs, times and accounts collectives for one rank."""
+
+    def __init__(self, rank: int, timeout_s: float) -> None:
+        self.rank = rank
+        self.timeout_s = timeout_s
+        self.rec: StepRecorder | None = None  # set for the duration of a training step
+        self.step = 0  # 1-based number of the step in progress, for error messages
+
+    def _run(self, what: str, group: Group, fn: Callable[[], object], moved: tuple[int, int]) -> None:
+        start = time.perf_counter()
+        try:
+            fn()
+        except RuntimeError as exc:  # gloo/NCCL raise RuntimeError subclasses (DistBackendError, ...)
+            phase = self.rec.current_phase if self.rec is not None else None
+            where = f"step {self.step}, phase {phase}" if self.rec is not None else "outside a step"
+            raise CollectiveError(
+                f"rank {self.rank}: {what} over the {group.name} group (ranks {list(group.ranks)}) failed at "
+                f"{where} (a dead or stalled peer fails a collective within engine.timeout_s="
+                f"{self.timeout_s:g}s): {exc}"
+            ) from exc
+        if self.rec is not None:
+            self.rec.add_bytes(moved[0], moved[1], seconds=time.perf_counter() - start)
+
+    def all_reduce(self, tensor: torch.Tensor, group: Group) -> None:
+        """In-place sum over the group."""
+        if group.size > 1:
+            moved = traffic.all_reduce_bytes(_nbytes(tensor), group.size)
+            self._run("all-reduce", group, lambda: dist.all_reduce(tensor, group=group.pg), moved)
+
+    def reduce(self, tensor: torch.Tensor, group: Group, dst: int = 0) -> None:
+        """In-place sum onto the group's rank `dst` (group index); other ranks' tensors become scratch."""
+        if group.size > 1:
+            is_root = group.index(self.rank) == dst
+            moved = traffic.reduce_bytes(_nbytes(tensor), group.size, is_root)
+            self._run("reduce", group, lambda: dist.reduce(tensor, group=group.pg, group_dst=dst), moved)
+
+    def broadcast(self, tensor: torch.Tensor, group: Group, src: int = 0) -> None:
+        """In-place copy of the group's rank `src` (group index) tensor to every rank."""
+        if group.size > 1:
+            rel = (group.index(self.rank) - src) % group.size
+            moved = traffic.broadcast_bytes(_nbytes(tensor), group.size, rel)
+            self._run(
+                "broadcast", group, lambda: dist.broadcast(tensor, group=group.pg, group_src=src), moved
+            )
+
+    def all_gather(self, out: torch.Tensor, tensor: torch.Tensor, group: Group) -> None:
+        """`out` (size x numel) receives every rank's `tensor` in group order."""
+        if group.size == 1:
+            out.copy_(tensor.reshape(out.shape))
+            return
+        moved = traffic.all_gather_bytes(_nbytes(tensor), group.size)
+        self._run(
+            "all-gather",
+            group,
+            lambda: dist.all_gather_single(out.view(-1), tensor.reshape(-1), group=group.pg),
+            moved,
+        )
+
+    def gather(self, tensor: torch.Tensor, out: torch.Tensor | None, group: Group, dst: int = 0) -> None:
+        """Group rank `dst` receives every rank's equally sized `tensor` into `out` (size x numel)."""
+        if group.size == 1:
+            if out is not None:
+                out.copy_(tensor.reshape(out.shape))
+            return
+        is_root = group.index(self.rank) == dst
+        chunks = list(out.reshape(group.size, -1).unbind(0)) if is_root and out is not None else None
+        moved = traffic.gather_bytes(_nbytes(tensor), group.size, is_root)
+        self._run(
+            "gather",
+            group,
+            lambda: dist.gather(tensor.reshape(-1), chunks, group=group.pg, group_dst=dst),
+            moved,
+        )
+
+    def all_to_all(
+        self,
+        out: torch.Tensor,
+        tensor: torch.Tensor,
+        out_splits: Sequence[int],
+        in_splits: Sequence[int],
+        group: Group,
+    ) -> None:
+        """Block j of `tensor` (in_splits[j] elements) goes to group rank j; `out` gets the blocks."""
+        if group.size == 1:
+            out.copy_(tensor)
+            return
+        size = tensor.element_size()
+        moved = traffic.all_to_all_bytes(
+            [size * n for n in in_splits], [size * n for n in out_splits], group.index(self.rank)
+        )
+        self._run(
+            "all-to-all",
+            group,
+            lambda: dist.all_to_all_single(out, tensor, list(out_splits), list(in_splits), group=group.pg),
+            moved,
+        )
+
+    def gather_object(self, obj: Any, group: Group, dst: int = 0) -> list[Any] | None:
+        """Pickled objects to group rank `dst` (checkpoint time only, so no bytes are accounted)."""
+        if group.size == 1:
+            return [obj]
+        is_root = group.index(self.rank) == dst
+        out: list[Any] | None = [None] * group.size if is_root else None
+        self._run(
+            "gather of objects",
+            group,
+            lambda: dist.gather_object(obj, out, group=group.pg, group_dst=dst),
+            (0, 0),
+        )
+        return out
+
+    def barrier(self, group: Group) -> None:
+        if group.size > 1:
+            self._run("barrier", group, lambda: dist.barrier(group=group.pg), (0, 0))
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()

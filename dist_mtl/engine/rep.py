@@ -1,0 +1,94 @@
+"""Protocol `rep`: MGDA-UB (or any balancer on representation gradients) with pure data parallelism.
+
+Rank w of W takes slice w of the global batch and runs every head. Its representation gradients are
+those of its local mean losses, W times the global mean loss's (restricted to its samples), so its
+partial Gramian is scaled by 1/W^2 and its head gradients and losses by 1/W; one all-reduce of
+[head grads | losses | partial Gramian] then holds the full-batch values. The coordinator solves and
+broadcasts c, every rank runs one encoder backward of sum_t c_t L_t, and one all-reduce (divided by W)
+gives the full-batch shared gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from dist_mtl.engine.checksum import ReplicaChecksum
+from dist_mtl.engine.comm import Comm, Group
+from dist_mtl.engine.coordinator import Coordinator
+from dist_mtl.gradients import FlatGradBuffer, task_losses
+from dist_mtl.models import MultiTaskModel
+from dist_mtl.observe import StepRecorder
+from dist_mtl.reference import StepResult
+
+
+class DataParallelRepStep:
+    """The trainer's `Step` on one rank of protocol rep (every rank runs every head on its slice)."""
+
+    def __init__(
+        self,
+        model: MultiTaskModel,
+        coordinator: Coordinator,
+        optimizer: torch.optim.Optimizer,
+        comm: Comm,
+        world: Group,
+        checksum: ReplicaChecksum,
+        fault: Callable[[int], None] | None,
+    ) -> None:
+        self.model, self.coordinator, self.optimizer = model, coordinator, optimizer
+        self.comm, self.world = comm, world
+        self.checksum, self.fault = checksum, fault
+        self.size = world.size
+        self.index = world.index(comm.rank)
+        self.shared = model.shared_parameters()
+        self.heads = [p for t in range(model.num_tasks) for p in model.head_parameters(t)]
+        t = model.num_tasks
+        heads = sum(p.numel() for p in self.heads)
+        device = self.shared[0].device
+        self.flat = torch.zeros(heads + t + t * t, device=device)
+        self.head_grad = FlatGradBuffer(self.heads, out=self.flat[:heads])
+        self.losses = self.flat[heads : heads + t]
+        self.gramian = self.flat[heads + t :].view(t, t)
+        self.shared_grad = FlatGradBuffer(self.shared)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder) -> StepResult:
+        self.comm.rec, self.comm.step = rec, self.comm.step + 1
+        if self.fault is not None:
+            self.fault(self.comm.step)
+        n = x.shape[0] // self.size
+        rows = slice(self.index * n, (self.index + 1) * n)
+        tasks = range(self.model.num_tasks)
+        try:
+            with rec.phase("forward"):
+                z = self.model.encode(x[rows])
+                z_leaf = z.detach().requires_grad_(True)
+                losses = task_losses(self.model.head_logits(z_leaf, tasks), y[rows])
+            with rec.phase("backward"):
+                rep_grads = torch.stack(
+                    [torch.autograd.grad(losses[t], z_leaf, retain_graph=True)[0].reshape(-1) for t in tasks]
+                )
+                self.head_grad.buffer.zero_()
+                losses.sum().backward(inputs=self.heads)
+            with rec.phase("solve"):
+                torch.mm(rep_grads, rep_grads.T, out=self.gramian)
+                self.gramian.div_(self.size * self.size)
+                self.losses.copy_(losses.detach())
+                self.flat[: self.flat.numel() - self.gramian.numel()].div_(self.size)
+            with rec.phase("exchange"):
+                self.comm.all_reduce(self.flat, self.world)
+            solution, c = self.coordinator.solve(self.gramian, self.losses, rec)
+            if not solution.skipped:
+                with rec.phase("apply"):
+                    z_grad = (c.to(rep_grads.dtype) @ rep_grads).view_as(z)
+                    self.shared_grad.buffer.zero_()
+                    z.backward(z_grad, inputs=self.shared)
+                    with rec.phase("exchange"):
+                        self.comm.all_reduce(self.shared_grad.buffer, self.world)
+                    self.shared_grad.buffer.div_(self.size)
+                with rec.phase("optimizer"):
+                    self.optimizer.step()
+            self.checksum(self.comm.step, rec)
+        finally:
+            self.comm.rec = None
+        return StepResult(solution)

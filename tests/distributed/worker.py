@@ -1,0 +1,88 @@
+"""One rank of a distributed test: runs several training cases in one process group, one after another.
+
+`python worker.py SPEC.json` with RANK / WORLD_SIZE / MASTER_* set. SPEC lists cases, each a list of
+config overrides (every case writes its own run directory); cases with `resume_at` first train to
+that step, then resume to train.steps in a second call. A case of kind `divergence` perturbs one
+rank's shared parameters and records what the replica checksum reports. Meshes are built once per
+layout and shared by the cases that use it, so one launch covers many (layout, balancer, protocol).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dist_mtl.config import load_config
+from dist_mtl.engine.checksum import ReplicaChecksum, ReplicaDivergenceError
+from dist_mtl.engine.comm import Comm
+from dist_mtl.engine.launch import device_mesh
+from dist_mtl.engine.layout import resolve_layout
+from dist_mtl.engine.runtime import Engine, mesh_groups
+from dist_mtl.gradients import flatten_parameters
+from dist_mtl.observe import StepRecorder
+from dist_mtl.trainer import build_datasets, build_model_for, train
+
+CPU = torch.device("cpu")
+
+
+def run_case(case: dict[str, Any], world_size: int, meshes: dict[tuple[int, int], Any]) -> None:
+    cfg = load_config(None, case["overrides"])
+    datasets = build_datasets(cfg)
+    layout = resolve_layout(cfg, world_size, len(datasets[0].tasks))
+    key = (layout.replicas, layout.task_parallel)
+    if key not in meshes:
+        meshes[key] = device_mesh(layout, CPU, cfg.engine.timeout_s)
+    mesh = meshes[key]
+    if case.get("kind") == "divergence":
+        check_divergence(
+            cfg.run_dir, build_model_for(cfg, datasets[0]), mesh_groups(mesh, layout, dist.get_rank())
+        )
+        return
+    if case.get("resume_at"):
+        first = load_config(None, [*case["overrides"], f"train.steps={case['resume_at']}"])
+        train(first, runtime=Engine(first, layout, mesh, CPU, datasets).runtime())
+    train(cfg, resume=bool(case.get("resume_at")), runtime=Engine(cfg, layout, mesh, CPU, datasets).runtime())
+
+
+def check_divergence(run_dir: str, model: torch.nn.Module, groups: Any) -> None:
+    """Identical parameters pass the checksum; a 1e-7 change on the last rank fails it on every rank."""
+    rank = dist.get_rank()
+    flat = flatten_parameters(model.shared_parameters())
+    check = ReplicaChecksum(flat, Comm(rank, 60.0), groups.world, every=2)
+    rec = StepRecorder()
+    check(2, rec)
+    if rank == groups.world.size - 1:
+        flat[0] += 1e-7
+    try:
+        check(4, rec)
+        message = ""
+    except ReplicaDivergenceError as exc:
+        message = str(exc)
+    out = Path(run_dir) / f"rank{rank}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"message": message}))
+
+
+def main() -> int:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    torch.set_num_threads(1)
+    world_size = int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    meshes: dict[tuple[int, int], Any] = {}
+    try:
+        for case in spec["cases"]:
+            run_case(case, world_size, meshes)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
