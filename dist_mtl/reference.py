@@ -7,6 +7,7 @@ with the balanced representation gradient. In both, head t is updated with its o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +28,29 @@ class StepResult:
         return self.solution.skipped
 
 
-class ExactStep:
-    """T backward passes into the shared parameters; direction d = G c from the balancer."""
+def representation_forward(
+    model: MultiTaskModel, x: torch.Tensor, y: torch.Tensor, tasks: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Z, a detached leaf copy of Z, the tasks' losses computed from the leaf): heads see only the leaf."""
+    z = model.encode(x)
+    z_leaf = z.detach().requires_grad_(True)
+    return z, z_leaf, task_losses(model.head_logits(z_leaf, tasks), y)
+
+
+def representation_backward(
+    losses: torch.Tensor, z_leaf: torch.Tensor, head_grad: FlatGradBuffer
+) -> torch.Tensor:
+    """Rows dL_t/dZ (one head-only backward per task); each head's own gradient into `head_grad`."""
+    rows = [
+        torch.autograd.grad(losses[t], z_leaf, retain_graph=True)[0].reshape(-1) for t in range(len(losses))
+    ]
+    head_grad.buffer.zero_()
+    losses.sum().backward(inputs=head_grad.params)
+    return torch.stack(rows)
+
+
+class _SingleProcessStep:
+    """What both reference steps hold: the model, balancer, optimizer and two flat gradient buffers."""
 
     def __init__(self, model: MultiTaskModel, balancer: Balancer, optimizer: torch.optim.Optimizer) -> None:
         self.model = model
@@ -38,6 +60,10 @@ class ExactStep:
         self.heads = [p for t in range(model.num_tasks) for p in model.head_parameters(t)]
         self.shared_grad = FlatGradBuffer(self.shared)
         self.head_grad = FlatGradBuffer(self.heads)
+
+
+class ExactStep(_SingleProcessStep):
+    """T backward passes into the shared parameters; direction d = G c from the balancer."""
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder) -> StepResult:
         tasks = range(self.model.num_tasks)
@@ -65,29 +91,14 @@ class ExactStep:
         return StepResult(solution)
 
 
-class RepStep:
+class RepStep(_SingleProcessStep):
     """MGDA-UB: balance the gradients w.r.t. the representation Z, then one encoder backward."""
 
-    def __init__(self, model: MultiTaskModel, balancer: Balancer, optimizer: torch.optim.Optimizer) -> None:
-        self.model = model
-        self.balancer = balancer
-        self.optimizer = optimizer
-        self.shared = model.shared_parameters()
-        self.heads = [p for t in range(model.num_tasks) for p in model.head_parameters(t)]
-        self.shared_grad = FlatGradBuffer(self.shared)
-        self.head_grad = FlatGradBuffer(self.heads)
-
     def __call__(self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder) -> StepResult:
-        tasks = range(self.model.num_tasks)
         with rec.phase("forward"):
-            z = self.model.encode(x)
-            z_leaf = z.detach().requires_grad_(True)
-            losses = task_losses(self.model.head_logits(z_leaf, tasks), y)
+            z, z_leaf, losses = representation_forward(self.model, x, y, range(self.model.num_tasks))
         with rec.phase("backward"):
-            rows = [torch.autograd.grad(losses[t], z_leaf, retain_graph=True)[0].reshape(-1) for t in tasks]
-            rep_grads = torch.stack(rows)
-            self.head_grad.buffer.zero_()
-            losses.sum().backward(inputs=self.heads)
+            rep_grads = representation_backward(losses, z_leaf, self.head_grad)
         with rec.phase("solve"):
             solution = solve_on_host(self.balancer, rep_grads @ rep_grads.T, losses)
         if solution.skipped:

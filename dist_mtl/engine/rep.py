@@ -17,10 +17,10 @@ import torch
 from dist_mtl.engine.checksum import ReplicaChecksum
 from dist_mtl.engine.comm import Comm, Group
 from dist_mtl.engine.coordinator import Coordinator
-from dist_mtl.gradients import FlatGradBuffer, task_losses
+from dist_mtl.gradients import FlatGradBuffer
 from dist_mtl.models import MultiTaskModel
 from dist_mtl.observe import StepRecorder
-from dist_mtl.reference import StepResult
+from dist_mtl.reference import StepResult, representation_backward, representation_forward
 
 
 class DataParallelRepStep:
@@ -61,15 +61,9 @@ class DataParallelRepStep:
         tasks = range(self.model.num_tasks)
         try:
             with rec.phase("forward"):
-                z = self.model.encode(x[rows])
-                z_leaf = z.detach().requires_grad_(True)
-                losses = task_losses(self.model.head_logits(z_leaf, tasks), y[rows])
+                z, z_leaf, losses = representation_forward(self.model, x[rows], y[rows], tasks)
             with rec.phase("backward"):
-                rep_grads = torch.stack(
-                    [torch.autograd.grad(losses[t], z_leaf, retain_graph=True)[0].reshape(-1) for t in tasks]
-                )
-                self.head_grad.buffer.zero_()
-                losses.sum().backward(inputs=self.heads)
+                rep_grads = representation_backward(losses, z_leaf, self.head_grad)
             with rec.phase("solve"):
                 torch.mm(rep_grads, rep_grads.T, out=self.gramian)
                 self.gramian.div_(self.size * self.size)
