@@ -11,7 +11,8 @@ ROOT = Path(__file__).parents[2]
 
 
 @pytest.mark.timeout(300)
-def test_submitit_local_executor_runs_training(tmp_path: Path) -> None:
+def test_submitit_local_executor_runs_two_ranks(tmp_path: Path) -> None:
+    """Two submitit tasks become two torch.distributed ranks (the SLURM path, without SLURM)."""
     run_dir = tmp_path / "run"
     cmd = [
         sys.executable,
@@ -22,6 +23,8 @@ def test_submitit_local_executor_runs_training(tmp_path: Path) -> None:
         str(tmp_path / "submitit" / "%j"),
         "--timeout-min",
         "5",
+        "--tasks-per-node",
+        "2",
         f"run_dir={run_dir}",
         "data.train_size=256",
         "data.test_size=64",
@@ -30,11 +33,12 @@ def test_submitit_local_executor_runs_training(tmp_path: Path) -> None:
         "model.hidden=[16]",
         "train.steps=3",
         "train.progress=false",
+        "engine.timeout_s=60",
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=280, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 3 and summary["world_size"] == 1
+    assert summary["steps"] == 3 and summary["world_size"] == 2
 
 
 def test_bad_config_fails_before_submission(tmp_path: Path) -> None:
