@@ -186,3 +186,23 @@ def test_accepts_torch_float32_and_numpy_alike() -> None:
 def test_bad_input_is_named(M: np.ndarray, kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         min_norm(M, **kwargs)
+
+
+@pytest.mark.parametrize(("T", "rank"), [(40, 20), (40, 28), (65, 30), (300, 60), (300, 700)])
+def test_rank_deficient_and_large_gramians_meet_kkt(T: int, rank: int) -> None:
+    """Batches of vertices that are affinely dependent (rank < T) and large supports (T = 300, where
+    leaving points are kept as constraints instead of being re-factored away) still end at the KKT point."""
+    for seed in range(3):
+        rng = np.random.default_rng(300 + seed)
+        G = rng.standard_normal((rank, 1)) + rng.standard_normal((rank, T)) * rng.uniform(0.1, 3.0, size=T)
+        G *= np.where(rng.random(T) < 0.3, -1.0, 1.0)
+        M = G.T @ G
+        a, info = min_norm(M)
+        assert_simplex(a)
+        assert info.converged
+        assert info.gap <= 1e-8 or info.degenerate == "pareto_stationary"
+        x = a.numpy()
+        grad, value = M @ x, float(x @ M @ x)
+        scale = np.max(np.diag(M))
+        assert grad.min() >= value - 1e-9 * scale
+        np.testing.assert_allclose(grad[x > 1e-12], value, rtol=0, atol=1e-9 * scale)
