@@ -31,7 +31,7 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any]) -> Path:
-    """Write `step_XXXXXXXX.pt` and then `last.pt` (both atomically)."""
+    """Write `step_<8-digit step>.pt` and then `last.pt` (both atomically)."""
     directory = checkpoint_dir(run_dir)
     path = directory / f"step_{step:08d}.pt"
     atomic_torch_save({**state, "step": step}, path)

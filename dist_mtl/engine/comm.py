@@ -10,7 +10,8 @@ communication, so their collectives are local copies and never touch torch.distr
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,17 @@ class Comm:
         self.timeout_s = timeout_s
         self.rec: StepRecorder | None = None  # set for the duration of a training step
         self.step = 0  # 1-based number of the step in progress, for error messages
+
+    @contextmanager
+    def stepping(self, rec: StepRecorder, fault: Callable[[int], None] | None = None) -> Iterator[int]:
+        """Number the next step (for error messages), account its collectives to `rec`, inject a fault."""
+        self.rec, self.step = rec, self.step + 1
+        if fault is not None:
+            fault(self.step)
+        try:
+            yield self.step
+        finally:
+            self.rec = None
 
     def _run(self, what: str, group: Group, fn: Callable[[], object], moved: tuple[int, int]) -> None:
         start = time.perf_counter()

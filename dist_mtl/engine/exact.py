@@ -96,12 +96,9 @@ class TaskParallelStep:
             )
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder) -> StepResult:
-        self.comm.rec, self.comm.step = rec, self.comm.step + 1
-        if self.fault is not None:
-            self.fault(self.comm.step)
         n = x.shape[0] // self.replicas
         rows = slice(self.replica * n, (self.replica + 1) * n)
-        try:
+        with self.comm.stepping(rec, self.fault) as step:
             self._backward(x[rows], y[rows, self.owned.start : self.owned.stop], rec)
             if self.replicas > 1:
                 with rec.phase("exchange"):
@@ -111,9 +108,7 @@ class TaskParallelStep:
             if not solution.skipped:
                 with rec.phase("optimizer"):
                     self.optimizer.step()
-            self.checksum(self.comm.step, rec)
-        finally:
-            self.comm.rec = None
+            self.checksum(step, rec)
         return StepResult(solution)
 
     def _backward(self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder) -> None:

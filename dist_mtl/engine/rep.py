@@ -53,13 +53,10 @@ class DataParallelRepStep:
         self.shared_grad = FlatGradBuffer(self.shared)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder) -> StepResult:
-        self.comm.rec, self.comm.step = rec, self.comm.step + 1
-        if self.fault is not None:
-            self.fault(self.comm.step)
         n = x.shape[0] // self.size
         rows = slice(self.index * n, (self.index + 1) * n)
         tasks = range(self.model.num_tasks)
-        try:
+        with self.comm.stepping(rec, self.fault) as step:
             with rec.phase("forward"):
                 z, z_leaf, losses = representation_forward(self.model, x[rows], y[rows], tasks)
             with rec.phase("backward"):
@@ -82,7 +79,5 @@ class DataParallelRepStep:
                     self.shared_grad.buffer.div_(self.size)
                 with rec.phase("optimizer"):
                     self.optimizer.step()
-            self.checksum(self.comm.step, rec)
-        finally:
-            self.comm.rec = None
+            self.checksum(step, rec)
         return StepResult(solution)
