@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from dist_mtl.balancers import Balancer, balancer_options, build_balancer
@@ -102,27 +103,39 @@ def batch_indices(num_samples: int, batch_size: int, seed: int, step: int) -> to
 
 @torch.no_grad()
 def evaluate(
-    model: MultiTaskModel, data: MultiTaskDataset, device: torch.device, batch_size: int = 1024
+    model: MultiTaskModel,
+    data: MultiTaskDataset,
+    device: torch.device,
+    batch_size: int = 1024,
+    *,
+    part: tuple[int, int] = (0, 1),
+    all_reduce: Callable[[torch.Tensor], None] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Per-task mean loss and accuracy on a whole split."""
+    """Per-task mean loss and accuracy on a whole split.
+
+    With `part` = (index, parts) this process evaluates only its contiguous share of the split and
+    `all_reduce` (an in-place sum over the processes) combines the sums, so evaluation is spread
+    over the ranks instead of leaving them idle behind rank 0. Sums stay on the device until the end.
+    """
     was_training = model.training
     model.eval()
-    t = len(data.tasks)
-    loss_sum = torch.zeros(t, dtype=torch.float64)
-    correct = torch.zeros(t, dtype=torch.float64)
-    for start in range(0, len(data), batch_size):
-        x = data.x[start : start + batch_size].to(device)
-        y = data.y[start : start + batch_size].to(device)
-        logits = model(x)
-        for i, out in enumerate(logits):
-            loss_sum[i] += torch.nn.functional.cross_entropy(out, y[:, i], reduction="sum").double().cpu()
-            correct[i] += (out.argmax(1) == y[:, i]).sum().double().cpu()
-    model.train(was_training)
+    index, parts = part
     n = len(data)
-    return {
-        spec.name: {"loss": float(loss_sum[i] / n), "accuracy": float(correct[i] / n)}
-        for i, spec in enumerate(data.tasks)
-    }
+    sums = torch.zeros(2, len(data.tasks), dtype=torch.float64, device=device)  # loss sums, correct counts
+    for start in range(n * index // parts, n * (index + 1) // parts, batch_size):
+        stop = min(start + batch_size, n * (index + 1) // parts)
+        x = data.x[start:stop].to(device)
+        y = data.y[start:stop].to(device)
+        logits = model(x)
+        sums[0] += torch.stack(
+            [nn.functional.cross_entropy(out, y[:, i], reduction="sum") for i, out in enumerate(logits)]
+        ).double()
+        sums[1] += torch.stack([(out.argmax(1) == y[:, i]).sum() for i, out in enumerate(logits)]).double()
+    if all_reduce is not None:
+        all_reduce(sums)
+    model.train(was_training)
+    means = (sums / n).cpu().tolist()
+    return {spec.name: {"loss": means[0][i], "accuracy": means[1][i]} for i, spec in enumerate(data.tasks)}
 
 
 def make_sinks(cfg: RunConfig, rank: int) -> MetricSink:
@@ -149,6 +162,8 @@ class Runtime:
     state_dict: Callable[[], dict[str, Any]] | None = None
     load_state_dict: Callable[[dict[str, Any]], None] | None = None
     barrier: Callable[[], None] = lambda: None
+    # In-place sum of a tensor over all ranks (spreads evaluation over them); None in one process.
+    all_reduce: Callable[[torch.Tensor], None] | None = None
     # Data sets already built (the engine needs T to validate the layout before any process-group work).
     datasets: tuple[MultiTaskDataset, MultiTaskDataset] | None = None
 
@@ -243,7 +258,9 @@ def train(cfg: RunConfig, *, resume: bool = False, runtime: Runtime | None = Non
 
     def run_eval(step: int) -> dict[str, dict[str, float]]:
         rt.gather_model()
-        metrics = evaluate(model, test_set, rt.device) if rt.rank == 0 else {}
+        metrics = evaluate(
+            model, test_set, rt.device, part=(rt.rank, rt.world_size), all_reduce=rt.all_reduce
+        )
         if rt.rank == 0:
             flat = {f"test/{k}/{task}": v[k] for task, v in metrics.items() for k in ("loss", "accuracy")}
             sinks.write(step, flat)

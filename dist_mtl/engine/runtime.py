@@ -89,5 +89,6 @@ class Engine:
             state_dict=lambda: self._state().state_dict(),
             load_state_dict=lambda ckpt: self._state().load_state_dict(ckpt),
             barrier=lambda: self.comm.barrier(self.groups.world),
+            all_reduce=lambda tensor: self.comm.all_reduce(tensor, self.groups.world),
             datasets=self.datasets,
         )
