@@ -75,7 +75,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads per process (0 = leave torch's default)
     progress: bool = True  # show a progress bar (rank 0 only)
-    cosines: bool = False  # log pairwise cosines of task gradients (exact mode, every log step)
+    # rep mode, one process: every N steps check in parameter space that d decreases every task
+    # (costs T extra encoder backward passes on those steps; 0 = never)
+    descent_check_every: int = 0
 
 
 @dataclass
@@ -151,6 +153,7 @@ _NON_NEGATIVE = (
     "train.eval_every",
     "train.checkpoint_every",
     "train.threads",
+    "train.descent_check_every",
     "engine.replicas",
     "engine.task_parallel",
     "engine.checksum_every",

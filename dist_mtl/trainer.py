@@ -171,7 +171,9 @@ class Runtime:
 def reference_step(
     cfg: RunConfig, model: MultiTaskModel, balancer: Balancer, optimizer: torch.optim.Optimizer
 ) -> Step:
-    return (ExactStep if cfg.train.mode == "exact" else RepStep)(model, balancer, optimizer)
+    if cfg.train.mode == "exact":
+        return ExactStep(model, balancer, optimizer)
+    return RepStep(model, balancer, optimizer, cfg.train.descent_check_every)
 
 
 def step_scalars(result: StepResult, task_names: list[str]) -> dict[str, float]:

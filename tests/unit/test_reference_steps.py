@@ -74,3 +74,23 @@ def test_non_finite_batch_is_skipped_and_leaves_parameters() -> None:
         assert step(x, y, StepRecorder()).skipped
     for p, q in zip(model.parameters(), before, strict=True):
         assert torch.equal(p.detach(), q)
+
+
+def test_rep_descent_check_matches_explicit_parameter_gradients() -> None:
+    model, x, y = _problem(seed=3, t=4)
+    shared = model.shared_parameters()
+    losses = task_losses(model(x), y)
+    explicit = torch.stack(
+        [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[t], shared, retain_graph=True)])
+            for t in range(4)
+        ]
+    )
+    step = RepStep(
+        model, build_balancer("mgda"), torch.optim.SGD(model.parameters(), lr=0.0), descent_check_every=1
+    )
+    info = step(x, y, StepRecorder()).solution.info
+    d = torch.cat([p.grad.reshape(-1) for p in shared])
+    cos = (explicit @ d) / (explicit.norm(dim=1) * d.norm())
+    assert abs(info["direction/param_min_cosine"] - float(cos.min())) < 1e-9
+    assert info["direction/param_decreases_all_tasks"] == float(bool((cos > 0).all()))
