@@ -48,9 +48,18 @@ class FlatGradBuffer:
         self.buffer.copy_(flat)
 
 
+def task_loss_list(logits: Sequence[torch.Tensor], targets: torch.Tensor) -> list[torch.Tensor]:
+    """Batch-mean cross-entropy of each task, each its own graph root; `targets` is (B, T) class indices.
+
+    Differentiate task t through its own entry: indexing a stacked tensor instead would run every
+    head's backward (with zero gradients) for every task, O(T) per task and O(T^2) per step.
+    """
+    return [nn.functional.cross_entropy(out, targets[:, i]) for i, out in enumerate(logits)]
+
+
 def task_losses(logits: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-    """Batch-mean cross-entropy of each task; `targets` is (B, len(logits)) class indices."""
-    return torch.stack([nn.functional.cross_entropy(out, targets[:, i]) for i, out in enumerate(logits)])
+    """The task losses as one (T,) tensor, for whole-vector uses (sums, copies, evaluation)."""
+    return torch.stack(task_loss_list(logits, targets))
 
 
 def flatten_parameters(params: Sequence[nn.Parameter]) -> torch.Tensor:

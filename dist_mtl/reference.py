@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from dist_mtl.balancers import Balancer
-from dist_mtl.gradients import FlatGradBuffer, flatten_grads, task_losses
+from dist_mtl.gradients import FlatGradBuffer, flatten_grads, task_loss_list
 from dist_mtl.models import MultiTaskModel
 from dist_mtl.observe import StepRecorder
 from dist_mtl.solve import Solution, solve_on_host
@@ -30,23 +30,27 @@ class StepResult:
 
 def representation_forward(
     model: MultiTaskModel, x: torch.Tensor, y: torch.Tensor, tasks: Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """(Z, a detached leaf copy of Z, the tasks' losses computed from the leaf): heads see only the leaf."""
     z = model.encode(x)
     z_leaf = z.detach().requires_grad_(True)
-    return z, z_leaf, task_losses(model.head_logits(z_leaf, tasks), y)
+    return z, z_leaf, task_loss_list(model.head_logits(z_leaf, tasks), y)
 
 
 def representation_backward(
-    losses: torch.Tensor, z_leaf: torch.Tensor, head_grad: FlatGradBuffer
-) -> torch.Tensor:
-    """Rows dL_t/dZ (one head-only backward per task); each head's own gradient into `head_grad`."""
-    rows = [
-        torch.autograd.grad(losses[t], z_leaf, retain_graph=True)[0].reshape(-1) for t in range(len(losses))
-    ]
+    losses: list[torch.Tensor], z_leaf: torch.Tensor, head_grad: FlatGradBuffer
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows dL_t/dZ (one head-only backward per task) and the losses as one detached tensor.
+
+    Each head's own gradient goes into `head_grad`.
+    """
+    rows = torch.stack(
+        [torch.autograd.grad(loss, z_leaf, retain_graph=True)[0].reshape(-1) for loss in losses]
+    )
+    stacked = torch.stack(losses)
     head_grad.buffer.zero_()
-    losses.sum().backward(inputs=head_grad.params)
-    return torch.stack(rows)
+    stacked.sum().backward(inputs=head_grad.params)
+    return rows, stacked.detach()
 
 
 class _SingleProcessStep:
@@ -68,16 +72,18 @@ class ExactStep(_SingleProcessStep):
     def __call__(self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder) -> StepResult:
         tasks = range(self.model.num_tasks)
         with rec.phase("forward"):
-            losses = task_losses(self.model.head_logits(self.model.encode(x), tasks), y)
+            parts = task_loss_list(self.model.head_logits(self.model.encode(x), tasks), y)
         with rec.phase("backward"):
-            rows = [
-                flatten_grads(
-                    torch.autograd.grad(losses[t], self.shared, retain_graph=True, allow_unused=True),
-                    self.shared,
-                )
-                for t in tasks
-            ]
-            grads = torch.stack(rows)
+            grads = torch.stack(
+                [
+                    flatten_grads(
+                        torch.autograd.grad(loss, self.shared, retain_graph=True, allow_unused=True),
+                        self.shared,
+                    )
+                    for loss in parts
+                ]
+            )
+            losses = torch.stack(parts)
             self.head_grad.buffer.zero_()
             losses.sum().backward(inputs=self.heads)
         with rec.phase("solve"):
@@ -132,7 +138,7 @@ class RepStep(_SingleProcessStep):
         with rec.phase("forward"):
             z, z_leaf, losses = representation_forward(self.model, x, y, range(self.model.num_tasks))
         with rec.phase("backward"):
-            rep_grads = representation_backward(losses, z_leaf, self.head_grad)
+            rep_grads, losses = representation_backward(losses, z_leaf, self.head_grad)
         with rec.phase("solve"):
             solution = solve_on_host(self.balancer, rep_grads @ rep_grads.T, losses)
         if solution.skipped:

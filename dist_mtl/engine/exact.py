@@ -21,7 +21,7 @@ from dist_mtl.engine.comm import Comm
 from dist_mtl.engine.coordinator import Coordinator
 from dist_mtl.engine.layout import Layout
 from dist_mtl.engine.protocols import GatherExchange, GramianExchange, Groups, TaskBlock
-from dist_mtl.gradients import FlatGradBuffer, task_losses
+from dist_mtl.gradients import FlatGradBuffer, task_loss_list
 from dist_mtl.models import MultiTaskModel
 from dist_mtl.observe import StepRecorder
 from dist_mtl.reference import StepResult
@@ -114,12 +114,13 @@ class TaskParallelStep:
     def _backward(self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder) -> None:
         """One forward, then one backward per owned task, each task's gradient copied into its slot."""
         with rec.phase("forward"):
-            losses = task_losses(self.model.head_logits(self.model.encode(x), self.owned), y)
+            parts = task_loss_list(self.model.head_logits(self.model.encode(x), self.owned), y)
         with rec.phase("backward"):
-            for i in range(self.mine):  # the T/K backward passes are the step's work
+            for i, loss in enumerate(parts):  # the T/K backward passes are the step's work
                 self.shared_grad.buffer.zero_()
-                losses[i].backward(retain_graph=True, inputs=self.shared)
+                loss.backward(retain_graph=True, inputs=self.shared)
                 self.block.slots[i].copy_(self.block.source)
+            losses = torch.stack(parts)
             self.head_grad.buffer.zero_()
             losses.sum().backward(inputs=self.owned_heads)
             self.block.losses[: self.mine].copy_(losses.detach())

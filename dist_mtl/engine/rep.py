@@ -60,11 +60,11 @@ class DataParallelRepStep:
             with rec.phase("forward"):
                 z, z_leaf, losses = representation_forward(self.model, x[rows], y[rows], tasks)
             with rec.phase("backward"):
-                rep_grads = representation_backward(losses, z_leaf, self.head_grad)
+                rep_grads, losses = representation_backward(losses, z_leaf, self.head_grad)
             with rec.phase("solve"):
                 torch.mm(rep_grads, rep_grads.T, out=self.gramian)
                 self.gramian.div_(self.size * self.size)
-                self.losses.copy_(losses.detach())
+                self.losses.copy_(losses)
                 self.flat[: self.flat.numel() - self.gramian.numel()].div_(self.size)
             with rec.phase("exchange"):
                 self.comm.all_reduce(self.flat, self.world)
