@@ -16,6 +16,9 @@ from typing import Any
 
 import yaml
 
+from dist_mtl.balancers.getmtl import DEFAULT_EPS
+from dist_mtl.balancers.solver import DEFAULT_MAX_ITER, DEFAULT_TOL
+
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message names the dotted path."""
@@ -50,10 +53,10 @@ class BalancerConfig:
     name: str = "mgda"  # uniform | mgda | getmtl | mamg
     normalization: str = "none"  # mgda / getmtl: gradient normalisation none | l2 | loss | loss+
     apply: str = "adopted"  # mgda: "adopted" (c = a / n) or "official" (c = a, as the official code)
-    eps: float = 0.5  # getmtl: trade-off radius in (0, 1]
+    eps: float = DEFAULT_EPS  # getmtl: trade-off radius in (0, 1]
     seed: int = 0  # mamg: seed of the per-step random task order
-    tol: float = 1e-10  # min-norm solver: relative duality-gap tolerance
-    max_iter: int = 1000  # min-norm solver: iteration cap
+    tol: float = DEFAULT_TOL  # min-norm solver: relative duality-gap tolerance
+    max_iter: int = DEFAULT_MAX_ITER  # min-norm solver: iteration cap (affine solves)
 
 
 @dataclass
