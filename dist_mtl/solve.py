@@ -23,6 +23,13 @@ class Solution:
     losses: torch.Tensor  # (T,) the task losses that went into the solve
     skipped: bool  # True when the Gramian or losses were not finite
     info: dict[str, float] = field(default_factory=dict)
+    gramian: torch.Tensor | None = None  # (T, T) on the host, on the process that solved; else None
+
+    def diagnostics(self) -> dict[str, float]:
+        """Gradient cosines and the descent check, O(T^2): computed only for the steps that are logged."""
+        if self.gramian is None or self.skipped:
+            return {}
+        return gramian_diagnostics(self.gramian.numpy(), self.coefficients.numpy())
 
 
 def gramian_diagnostics(gramian: np.ndarray, coefficients: np.ndarray) -> dict[str, float]:
@@ -59,5 +66,4 @@ def solve_on_host(balancer: Balancer, gramian: torch.Tensor, losses: torch.Tenso
     coefficients = out.coefficients.to(torch.float64)
     info = {f"solver/{k.removeprefix('solver_')}": float(v) for k, v in out.info.items()}
     info["solver/seconds"] = seconds
-    info |= gramian_diagnostics(m_host.numpy(), coefficients.numpy())
-    return Solution(coefficients, l_host, False, info)
+    return Solution(coefficients, l_host, False, info, m_host)

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from dist_mtl.balancers import Balancer, balancer_options, build_balancer
 from dist_mtl.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from dist_mtl.config import RunConfig, config_to_dict, save_config
 from dist_mtl.data import MultiTaskDataset, build_dataset
+from dist_mtl.gradients import task_losses
 from dist_mtl.models import MultiTaskModel, build_model
 from dist_mtl.observe import JsonlSink, MetricSink, MultiSink, ProfilerWindow, StepRecorder, TensorBoardSink
 from dist_mtl.reference import ExactStep, RepStep, StepResult
@@ -127,9 +127,7 @@ def evaluate(
         x = data.x[start:stop].to(device)
         y = data.y[start:stop].to(device)
         logits = model(x)
-        sums[0] += torch.stack(
-            [nn.functional.cross_entropy(out, y[:, i], reduction="sum") for i, out in enumerate(logits)]
-        ).double()
+        sums[0] += task_losses(logits, y).double() * (stop - start)
         sums[1] += torch.stack([(out.argmax(1) == y[:, i]).sum() for i, out in enumerate(logits)]).double()
     if all_reduce is not None:
         all_reduce(sums)
@@ -179,7 +177,7 @@ def reference_step(
 def step_scalars(result: StepResult, task_names: list[str]) -> dict[str, float]:
     """Losses, weights and solver diagnostics for one step (already on the host)."""
     sol = result.solution
-    out = dict(sol.info)
+    out = {**sol.info, **sol.diagnostics()}
     losses = sol.losses.tolist()
     weights = sol.coefficients.tolist()
     for name, loss, w in zip(task_names, losses, weights, strict=True):

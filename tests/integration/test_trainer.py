@@ -50,6 +50,8 @@ def test_run_directory_has_summary_checkpoints_logs(tmp_path: Path) -> None:
         "weight/left",
         "loss/right",
         "solver/iterations",
+        "grad/cos_min",
+        "direction/decreases_all_tasks",
         "solver/gap",
     } <= set(steps[-1])
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
