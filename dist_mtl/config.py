@@ -18,10 +18,7 @@ import yaml
 
 from dist_mtl.balancers.getmtl import DEFAULT_EPS
 from dist_mtl.balancers.solver import DEFAULT_MAX_ITER, DEFAULT_TOL
-
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the dotted path."""
+from dist_mtl.errors import ConfigError
 
 
 @dataclass

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_mtl.errors import DataError
+
 CELEBA_ATTRIBUTES: tuple[str, ...] = (
     "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips",
     "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby",
@@ -40,7 +42,7 @@ CELEBA_LAYOUTS: tuple[tuple[str, str, str, str], ...] = (  # (kind, images, attr
 )
 
 
-class CelebAFormatError(ValueError):
+class CelebAFormatError(DataError):
     """A CelebA annotation file does not have the official format; the message says FILE:LINE: what."""
 
     def __init__(self, path: Path, line: int, message: str) -> None:
