@@ -44,6 +44,7 @@ from torch import nn  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dist_mtl.build import build_balancer_for, build_optimizer  # noqa: E402
 from dist_mtl.config import RunConfig, load_config  # noqa: E402
 from dist_mtl.engine.launch import device_mesh, process_group  # noqa: E402
 from dist_mtl.engine.layout import resolve_layout  # noqa: E402
@@ -53,7 +54,6 @@ from dist_mtl.gradients import task_losses  # noqa: E402
 from dist_mtl.models import MLPEncoder, MultiTaskModel, ResNet18Encoder  # noqa: E402
 from dist_mtl.observe import PHASES, StepRecorder  # noqa: E402
 from dist_mtl.reference import ExactStep, RepStep  # noqa: E402
-from dist_mtl.trainer import build_balancer_for, build_optimizer  # noqa: E402
 
 CPU = torch.device("cpu")
 BATCH, INPUT = 64, (3, 32, 32)

@@ -8,21 +8,9 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from dist_mtl.config import ConfigError, load_config
-from dist_mtl.data import CelebAFormatError
-
-
-def split_config_and_overrides(args: Sequence[str]) -> tuple[str | None, list[str]]:
-    """The first argument without '=' is the YAML file; everything else is a dotted override."""
-    config, overrides = None, []
-    for arg in args:
-        if "=" not in arg and config is None and not overrides:
-            config = arg
-        elif "=" not in arg:
-            raise ConfigError(f"unexpected argument {arg!r}: overrides look like section.key=value")
-        else:
-            overrides.append(arg)
-    return config, overrides
+from dist_mtl.config import load_config, split_config_and_overrides
+from dist_mtl.errors import UserError
+from dist_mtl.train import run
 
 
 def _train(ns: argparse.Namespace) -> int:
@@ -43,8 +31,6 @@ def _train(ns: argparse.Namespace) -> int:
         return subprocess.call(
             cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         )
-    from dist_mtl.train import run
-
     cfg = load_config(config, overrides)
     return run(cfg, resume=ns.resume)
 
@@ -94,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)
-    except (ConfigError, FileNotFoundError, CelebAFormatError) as exc:
+    except (UserError, FileNotFoundError) as exc:  # a missing input file is the user's error too
         print(f"dist-mtl: error: {exc}", file=sys.stderr)
         return 2
 

@@ -288,6 +288,19 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return nested
 
 
+def split_config_and_overrides(args: Sequence[str]) -> tuple[str | None, list[str]]:
+    """The first argument without '=' is the YAML file; everything else is a dotted override."""
+    config, overrides = None, []
+    for arg in args:
+        if "=" not in arg and config is None and not overrides:
+            config = arg
+        elif "=" not in arg:
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like section.key=value")
+        else:
+            overrides.append(arg)
+    return config, overrides
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
     """Defaults, then the YAML file (if any), then dotted overrides; validated."""
     cfg = RunConfig()

@@ -9,77 +9,27 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from dist_mtl.balancers import Balancer, balancer_options, build_balancer
+from dist_mtl.backend import Backend, SingleProcess
+from dist_mtl.build import (
+    build_balancer_for,
+    build_datasets,
+    build_model_for,
+    build_optimizer,
+    resolve_device,
+)
 from dist_mtl.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from dist_mtl.config import RunConfig, config_to_dict, save_config
-from dist_mtl.data import MultiTaskDataset, build_dataset
+from dist_mtl.data import MultiTaskDataset
 from dist_mtl.gradients import task_losses
-from dist_mtl.models import MultiTaskModel, build_model
+from dist_mtl.models import MultiTaskModel
 from dist_mtl.observe import JsonlSink, MetricSink, MultiSink, ProfilerWindow, StepRecorder, TensorBoardSink
-from dist_mtl.reference import ExactStep, RepStep, StepResult
-
-
-class Step(Protocol):
-    """One training step on the global batch; implemented by the reference and by the engine."""
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder) -> StepResult: ...
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device is 'cuda' but no CUDA device is available; use auto or cpu")
-    return torch.device(name)
-
-
-def build_datasets(cfg: RunConfig) -> tuple[MultiTaskDataset, MultiTaskDataset]:
-    d = cfg.data
-    options: dict[str, Any] = {}
-    if d.name == "multidigits":
-        options = {"tasks": d.tasks, "train_size": d.train_size, "test_size": d.test_size}
-        if d.tasks == "binary" and d.num_tasks is not None:
-            options["num_tasks"] = d.num_tasks
-    elif d.name == "synthetic":
-        options = {"train_size": d.train_size, "test_size": d.test_size, "input_dim": d.input_dim}
-        if d.num_tasks is not None:
-            options["num_tasks"] = d.num_tasks
-    elif d.name == "celeba":
-        options = {"path": d.path, "image_size": d.image_size, "max_samples": d.max_samples}
-    return build_dataset(d.name, seed=cfg.seed, **options)
-
-
-def build_model_for(cfg: RunConfig, train: MultiTaskDataset) -> MultiTaskModel:
-    torch.manual_seed(cfg.seed)
-    m = cfg.model
-    return build_model(
-        m.encoder,
-        train.input_shape,
-        [t.num_classes for t in train.tasks],
-        hidden=m.hidden,
-        rep_dim=m.rep_dim,
-        width=m.width,
-    )
-
-
-def build_balancer_for(cfg: RunConfig) -> Balancer:
-    """The configured balancer, given every config field its constructor takes."""
-    b = cfg.balancer
-    return build_balancer(b.name, **{k: getattr(b, k) for k in balancer_options(b.name) if hasattr(b, k)})
-
-
-def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    o = cfg.optim
-    if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+from dist_mtl.reference import StepResult
 
 
 def steps_per_epoch(num_samples: int, batch_size: int) -> int:
@@ -146,34 +96,6 @@ def make_sinks(cfg: RunConfig, rank: int) -> MetricSink:
     return MultiSink(sinks)
 
 
-@dataclass
-class Runtime:
-    """What differs between a single process and a rank of the distributed engine."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    make_step: Callable[[RunConfig, MultiTaskModel, Balancer, torch.optim.Optimizer], Step] | None = None
-    # Collective that makes rank 0's model complete (heads owned elsewhere) before eval/checkpoint.
-    gather_model: Callable[[], None] = lambda: None
-    # Checkpoint state on every rank (optimizer state of heads lives with their owners).
-    state_dict: Callable[[], dict[str, Any]] | None = None
-    load_state_dict: Callable[[dict[str, Any]], None] | None = None
-    barrier: Callable[[], None] = lambda: None
-    # In-place sum of a tensor over all ranks (spreads evaluation over them); None in one process.
-    all_reduce: Callable[[torch.Tensor], None] | None = None
-    # Data sets already built (the engine needs T to validate the layout before any process-group work).
-    datasets: tuple[MultiTaskDataset, MultiTaskDataset] | None = None
-
-
-def reference_step(
-    cfg: RunConfig, model: MultiTaskModel, balancer: Balancer, optimizer: torch.optim.Optimizer
-) -> Step:
-    if cfg.train.mode == "exact":
-        return ExactStep(model, balancer, optimizer)
-    return RepStep(model, balancer, optimizer, cfg.train.descent_check_every)
-
-
 def step_scalars(result: StepResult, task_names: list[str]) -> dict[str, float]:
     """Losses, weights and solver diagnostics for one step (already on the host)."""
     sol = result.solution
@@ -187,39 +109,34 @@ def step_scalars(result: StepResult, task_names: list[str]) -> dict[str, float]:
     return out
 
 
-def train(cfg: RunConfig, *, resume: bool = False, runtime: Runtime | None = None) -> dict[str, Any]:
-    """Run training as configured; returns (and on rank 0 writes) the run summary."""
-    rt = runtime or Runtime(device=resolve_device(cfg.train.device))
+def train(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    backend: Backend | None = None,
+    datasets: tuple[MultiTaskDataset, MultiTaskDataset] | None = None,
+) -> dict[str, Any]:
+    """Run training as configured; returns (and on rank 0 writes) the run summary.
+
+    `backend` defaults to one process on train.device; `datasets` to building them from the config.
+    """
+    rt = backend or SingleProcess(resolve_device(cfg.train.device))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     run_dir = Path(cfg.run_dir)
-    train_set, test_set = rt.datasets or build_datasets(cfg)
+    train_set, test_set = datasets or build_datasets(cfg)
     model = build_model_for(cfg, train_set).to(rt.device)
     balancer = build_balancer_for(cfg)
     optimizer = build_optimizer(cfg, list(model.parameters()))
-    step_fn = (rt.make_step or reference_step)(cfg, model, balancer, optimizer)
+    step_fn = rt.make_step(cfg, model, balancer, optimizer)
     task_names = [t.name for t in train_set.tasks]
     n_steps = total_steps(cfg, len(train_set))
     per_epoch = steps_per_epoch(len(train_set), cfg.data.batch_size)
 
-    def state() -> dict[str, Any]:
-        if rt.state_dict is not None:
-            return rt.state_dict()
-        return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "balancer": balancer.state_dict(),
-        }
-
     start_step, skipped, history = 0, 0, []
     if resume:
         ckpt = load_checkpoint(checkpoint_dir(run_dir) / "last.pt")
-        if rt.load_state_dict is not None:
-            rt.load_state_dict(ckpt)
-        else:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            balancer.load_state_dict(ckpt["balancer"])
+        rt.load_state_dict(ckpt)
         start_step, skipped, history = (
             ckpt["step"],
             ckpt.get("skipped", 0),
@@ -251,7 +168,7 @@ def train(cfg: RunConfig, *, resume: bool = False, runtime: Runtime | None = Non
 
     def checkpoint(step: int) -> None:
         rt.gather_model()
-        st = state()
+        st = rt.state_dict()
         if rt.rank == 0:
             save_checkpoint(run_dir, step, {**st, "skipped": skipped, "history": json.dumps(history)})
         rt.barrier()

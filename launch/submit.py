@@ -18,8 +18,7 @@ from pathlib import Path
 
 import submitit
 
-from dist_mtl.cli import split_config_and_overrides
-from dist_mtl.config import load_config
+from dist_mtl.config import load_config, split_config_and_overrides
 
 
 class TrainJob(submitit.helpers.Checkpointable):

@@ -1,11 +1,12 @@
 """The task-parallel distributed engine: D x K layouts, exchange protocols, coordinator solve, accounting.
 
-`run_distributed` is what `python -m dist_mtl.train` runs on every rank when WORLD_SIZE > 1.
+`Engine` is the distributed `dist_mtl.backend.Backend`; `dist_mtl.train` builds it on every rank when
+WORLD_SIZE > 1. The engine never imports the trainer.
 """
 
 from dist_mtl.engine.checksum import ReplicaDivergenceError
 from dist_mtl.engine.comm import CollectiveError, Comm, Group
-from dist_mtl.engine.launch import process_group, run_distributed
+from dist_mtl.engine.launch import process_group
 from dist_mtl.engine.layout import PROTOCOL_MODE, Layout, check_engine_config, resolve_layout
 from dist_mtl.engine.runtime import Engine
 from dist_mtl.engine.traffic import StepShape, step_bytes
@@ -22,6 +23,5 @@ __all__ = [
     "check_engine_config",
     "process_group",
     "resolve_layout",
-    "run_distributed",
     "step_bytes",
 ]

@@ -1,18 +1,21 @@
-"""Glue between an initialised process group and the trainer: groups from the DeviceMesh, the step, state.
+"""The engine as a `dist_mtl.backend.Backend`: groups from the DeviceMesh, the step, state hooks.
 
-`Engine.runtime()` returns the `trainer.Runtime` whose hooks the training loop calls; the step and the
-state object are created by `make_step`, once the trainer has built the model and optimizer.
+The training loop calls these hooks and never sees a process group; the step and the state object
+are created by `make_step`, once the trainer has built the model and optimizer. The engine never
+imports the trainer.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+from dist_mtl.backend import Step
 from dist_mtl.balancers import Balancer
 from dist_mtl.config import RunConfig
-from dist_mtl.data import MultiTaskDataset
 from dist_mtl.engine.checksum import ReplicaChecksum
 from dist_mtl.engine.comm import Comm, Group
 from dist_mtl.engine.coordinator import Coordinator
@@ -24,7 +27,6 @@ from dist_mtl.engine.rep import DataParallelRepStep
 from dist_mtl.engine.state import HeadShards, ReplicatedState
 from dist_mtl.gradients import flatten_parameters
 from dist_mtl.models import MultiTaskModel
-from dist_mtl.trainer import Runtime, Step
 
 
 def mesh_groups(mesh: DeviceMesh, layout: Layout, rank: int) -> Groups:
@@ -43,16 +45,12 @@ def mesh_groups(mesh: DeviceMesh, layout: Layout, rank: int) -> Groups:
 
 
 class Engine:
-    def __init__(
-        self,
-        cfg: RunConfig,
-        layout: Layout,
-        mesh: DeviceMesh,
-        device: torch.device,
-        datasets: tuple[MultiTaskDataset, MultiTaskDataset] | None = None,
-    ) -> None:
-        self.cfg, self.layout, self.device, self.datasets = cfg, layout, device, datasets
+    """One rank of a D x K layout; implements `dist_mtl.backend.Backend`."""
+
+    def __init__(self, cfg: RunConfig, layout: Layout, mesh: DeviceMesh, device: torch.device) -> None:
+        self.cfg, self.layout, self.device = cfg, layout, device
         self.rank = dist.get_rank()
+        self.world_size = layout.world_size
         self.comm = Comm(self.rank, cfg.engine.timeout_s)
         self.groups = mesh_groups(mesh, layout, self.rank)
         self.state: ReplicatedState | None = None
@@ -76,19 +74,20 @@ class Engine:
 
     def _state(self) -> ReplicatedState:
         if self.state is None:
-            raise RuntimeError("the engine's step has not been built yet (Runtime.make_step not called)")
+            raise RuntimeError("the engine's step has not been built yet (make_step not called)")
         return self.state
 
-    def runtime(self) -> Runtime:
-        return Runtime(
-            rank=self.rank,
-            world_size=self.layout.world_size,
-            device=self.device,
-            make_step=self.make_step,
-            gather_model=lambda: self._state().gather_model(),
-            state_dict=lambda: self._state().state_dict(),
-            load_state_dict=lambda ckpt: self._state().load_state_dict(ckpt),
-            barrier=lambda: self.comm.barrier(self.groups.world),
-            all_reduce=lambda tensor: self.comm.all_reduce(tensor, self.groups.world),
-            datasets=self.datasets,
-        )
+    def gather_model(self) -> None:
+        self._state().gather_model()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state().state_dict()
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        self._state().load_state_dict(ckpt)
+
+    def barrier(self) -> None:
+        self.comm.barrier(self.groups.world)
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        self.comm.all_reduce(tensor, self.groups.world)

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from dist_mtl.build import build_datasets, build_model_for
 from dist_mtl.config import load_config
 from dist_mtl.engine.traffic import StepShape, all_gather_bytes, step_bytes
-from dist_mtl.trainer import build_datasets, build_model_for, train
+from dist_mtl.trainer import train
 from tests.distributed.harness import BASE, compare, load, read_jsonl, run_worker
 
 pytestmark = [pytest.mark.distributed]

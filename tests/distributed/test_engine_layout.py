@@ -12,8 +12,8 @@ import torch.distributed as dist
 from dist_mtl.config import ConfigError, load_config
 from dist_mtl.engine import traffic
 from dist_mtl.engine.codecs import build_codec
-from dist_mtl.engine.launch import run_distributed
 from dist_mtl.engine.layout import Layout, balanced_split, check_engine_config, resolve_layout
+from dist_mtl.train import run_distributed
 
 TINY = [
     "data.name=synthetic",
@@ -99,16 +99,16 @@ def test_out_of_range_compression_options_are_rejected_at_load() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_run_distributed_rejects_bad_input_before_any_process_group(monkeypatch, capsys) -> None:
+def test_run_distributed_rejects_bad_input_before_any_process_group(monkeypatch) -> None:
     # A reachable-looking rendezvous: if the engine tried to create the group it would wait 60 s for peers.
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29999")
     bad = cfg("engine.task_parallel=8", "engine.timeout_s=60")
-    assert run_distributed(bad) == 2
+    with pytest.raises(ConfigError, match="engine.task_parallel K=8 does not divide the world size W=4"):
+        run_distributed(bad)
     assert not dist.is_initialized()
-    assert "engine.task_parallel K=8 does not divide the world size W=4" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("size", range(2, 9))

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dist_mtl.build import build_datasets, build_model_for
 from dist_mtl.config import load_config
 from dist_mtl.engine.checksum import ReplicaChecksum, ReplicaDivergenceError
 from dist_mtl.engine.comm import Comm
@@ -27,7 +28,7 @@ from dist_mtl.engine.layout import resolve_layout
 from dist_mtl.engine.runtime import Engine, mesh_groups
 from dist_mtl.gradients import flatten_parameters
 from dist_mtl.observe import StepRecorder
-from dist_mtl.trainer import build_datasets, build_model_for, train
+from dist_mtl.trainer import train
 
 CPU = torch.device("cpu")
 
@@ -47,8 +48,10 @@ def run_case(case: dict[str, Any], world_size: int, meshes: dict[tuple[int, int]
         return
     if case.get("resume_at"):
         first = load_config(None, [*case["overrides"], f"train.steps={case['resume_at']}"])
-        train(first, runtime=Engine(first, layout, mesh, CPU, datasets).runtime())
-    train(cfg, resume=bool(case.get("resume_at")), runtime=Engine(cfg, layout, mesh, CPU, datasets).runtime())
+        train(first, backend=Engine(first, layout, mesh, CPU), datasets=datasets)
+    train(
+        cfg, resume=bool(case.get("resume_at")), backend=Engine(cfg, layout, mesh, CPU), datasets=datasets
+    )
 
 
 def check_divergence(run_dir: str, model: torch.nn.Module, groups: Any) -> None:
