@@ -43,6 +43,10 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [256, 256])  # mlp hidden widths
     rep_dim: int = 64  # width of the representation Z (mlp, lenet)
     width: int = 64  # resnet18 base width (64 in the MGDA CelebA recipe)
+    # Normalisation layers of lenet / resnet18: batch (BatchNorm, per-replica statistics), sync
+    # (BatchNorm with statistics reduced over the replica group: equals one process on the global
+    # batch) or group (GroupNorm, independent of the batch)
+    norm: str = "batch"
 
 
 @dataclass
@@ -78,6 +82,9 @@ class TrainConfig:
     # rep mode, one process: every N steps check in parameter space that d decreases every task
     # (costs T extra encoder backward passes on those steps; 0 = never)
     descent_check_every: int = 0
+    # Stop with exit 1 when more than this fraction of the steps so far were skipped (non-finite
+    # Gramian or losses): a run that learned nothing must not end with exit 0
+    max_skipped_fraction: float = 0.5
 
 
 @dataclass
@@ -120,6 +127,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("multidigits", "synthetic", "celeba"),
     "data.tasks": ("pair", "binary"),
     "model.encoder": ("mlp", "lenet", "resnet18"),
+    "model.norm": ("batch", "sync", "group"),
     "balancer.name": ("uniform", "mgda", "getmtl", "mamg"),
     "balancer.normalization": ("none", "l2", "loss", "loss+"),
     "balancer.apply": ("adopted", "official"),
@@ -190,6 +198,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"data.max_samples must be >= 1 or null (all samples); got {cfg.data.max_samples}")
     if not 0.0 < cfg.balancer.eps <= 1.0:
         raise ConfigError(f"balancer.eps must be in (0, 1]; got {cfg.balancer.eps!r}")
+    if not 0.0 <= cfg.train.max_skipped_fraction <= 1.0:
+        raise ConfigError(
+            f"train.max_skipped_fraction must be in [0, 1]; got {cfg.train.max_skipped_fraction!r}"
+        )
     if not 0.0 < cfg.engine.topk_ratio <= 1.0:
         raise ConfigError(f"engine.topk_ratio must be in (0, 1]; got {cfg.engine.topk_ratio!r}")
     if any(w <= 0 for w in cfg.model.hidden):
