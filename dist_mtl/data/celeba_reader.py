@@ -22,6 +22,7 @@ from dist_mtl.data.celeba_layout import CELEBA_SPLITS
 from dist_mtl.data.celeba_manifest import IMAGE_KEY, LABEL_KEY, CelebAManifest, read_manifest
 from dist_mtl.data.images import resize_square, to_chw
 from dist_mtl.data.options import require_choice, require_int
+from dist_mtl.errors import ConfigError
 
 
 def replica_shards(
@@ -108,6 +109,17 @@ def load_celeba_split(
     return MultiTaskDataset(x=x, y=y, tasks=tuple(TaskSpec(name, 2) for name in manifest.attributes))
 
 
+def require_shard_path(path: str | os.PathLike[str] | None) -> Path:
+    """``data.path`` as a Path if it names an existing directory; a ConfigError otherwise."""
+    if path is None or str(path) == "":
+        raise ConfigError(
+            "data.path: celeba needs the directory of shards written by `dist-mtl data celeba ROOT OUT`"
+        )
+    if not Path(path).is_dir():
+        raise ConfigError(f"data.path: no such directory: {path}")
+    return Path(path)
+
+
 def build_celeba(
     *,
     seed: int,
@@ -121,12 +133,7 @@ def build_celeba(
     Samples come in manifest order (the first ``max_samples`` of each split), so ``seed`` does not
     change the data; the trainer's seeded batch order does the shuffling.
     """
-    if path is None:
-        raise ValueError(
-            "data.path: celeba needs the directory of shards written by `dist-mtl data celeba ROOT OUT`"
-        )
-    if not Path(path).exists():
-        raise FileNotFoundError(f"data.path: no such directory: {path}")
+    require_shard_path(path)
     require_int("image_size", image_size, minimum=1)
     if max_samples is not None:
         require_int("max_samples", max_samples, minimum=1)

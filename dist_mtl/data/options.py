@@ -1,18 +1,24 @@
-"""Validation of data-set options; every message starts with the dotted config path ``data.<option>``."""
+"""Validation of data-set options; every message starts with the dotted config path ``data.<option>``.
+
+The errors are ``ConfigError`` (a ``UserError``), so entry points report them as one line with exit
+code 2 instead of a traceback: a wrong option is the user's input, not a bug.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+from dist_mtl.errors import ConfigError
+
 
 def require_int(option: str, value: Any, *, minimum: int, maximum: int | None = None) -> int:
     """Return ``value`` if it is an int in ``[minimum, maximum]``; otherwise name the option and the range."""
     valid = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"data.{option}: expected an integer {valid}, got {value!r}")
+        raise ConfigError(f"data.{option}: expected an integer {valid}, got {value!r}")
     if value < minimum or (maximum is not None and value > maximum):
-        raise ValueError(f"data.{option}: expected an integer {valid}, got {value}")
+        raise ConfigError(f"data.{option}: expected an integer {valid}, got {value}")
     return value
 
 
@@ -22,17 +28,17 @@ def require_float(
     """Return ``value`` as a float inside the stated interval; otherwise name the option and the interval."""
     interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"data.{option}: expected a number in {interval}, got {value!r}")
+        raise ConfigError(f"data.{option}: expected a number in {interval}, got {value!r}")
     value = float(value)
     above = value > low if open_low else value >= low
     below = value < high if open_high else value <= high
     if not (above and below):
-        raise ValueError(f"data.{option}: expected a number in {interval}, got {value}")
+        raise ConfigError(f"data.{option}: expected a number in {interval}, got {value}")
     return value
 
 
 def require_choice(option: str, value: Any, choices: Sequence[str]) -> str:
     """Return ``value`` if it is one of ``choices``; otherwise list them."""
     if value not in choices:
-        raise ValueError(f"data.{option}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        raise ConfigError(f"data.{option}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
     return value

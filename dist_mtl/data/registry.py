@@ -10,6 +10,7 @@ from dist_mtl.data.base import MultiTaskDataset
 from dist_mtl.data.celeba_reader import build_celeba
 from dist_mtl.data.multidigits import build_multidigits
 from dist_mtl.data.synthetic import build_synthetic
+from dist_mtl.errors import ConfigError
 
 Builder = Callable[..., tuple[MultiTaskDataset, MultiTaskDataset]]
 
@@ -24,7 +25,7 @@ DATASET_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 def dataset_options(name: str) -> tuple[str, ...]:
     """The options ``build_dataset(name, ...)`` accepts besides ``seed``."""
     if name not in _BUILDERS:
-        raise ValueError(f"data.name: unknown data set {name!r}; valid: {', '.join(DATASET_NAMES)}")
+        raise ConfigError(f"data.name: unknown data set {name!r}; valid: {', '.join(DATASET_NAMES)}")
     parameters = inspect.signature(_BUILDERS[name]).parameters
     return tuple(p for p in parameters if p != "seed")
 
@@ -34,7 +35,7 @@ def build_dataset(name: str, *, seed: int, **options: Any) -> tuple[MultiTaskDat
     valid = dataset_options(name)
     for option in options:
         if option not in valid:
-            raise ValueError(f"data.{option}: not an option of {name}; valid options: {', '.join(valid)}")
+            raise ConfigError(f"data.{option}: not an option of {name}; valid options: {', '.join(valid)}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
+        raise ConfigError(f"seed: expected a non-negative integer, got {seed!r}")
     return _BUILDERS[name](seed=seed, **options)

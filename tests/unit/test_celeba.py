@@ -24,6 +24,7 @@ from dist_mtl.data import (
     read_manifest,
     replica_shards,
 )
+from dist_mtl.errors import ConfigError
 
 NUM_IMAGES = 30
 
@@ -221,12 +222,15 @@ def test_build_dataset_reads_shards_in_manifest_order(mini_root, shards):
 
 
 def test_build_dataset_celeba_path_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "absent")):
+    with pytest.raises(ConfigError, match=f"^data.path: no such directory: {tmp_path / 'absent'}$"):
         build_dataset("celeba", seed=0, path=str(tmp_path / "absent"))
     with pytest.raises(FileNotFoundError, match="manifest.json: missing"):
         build_dataset("celeba", seed=0, path=str(tmp_path))
-    with pytest.raises(ValueError, match="data.path: celeba needs the directory of shards"):
-        build_dataset("celeba", seed=0)
+    for path in (None, ""):
+        with pytest.raises(ConfigError, match="^data.path: celeba needs the directory of shards"):
+            build_dataset("celeba", seed=0, path=path)
+    with pytest.raises(ConfigError, match="^data.image_size: expected an integer >= 1, got 0"):
+        build_dataset("celeba", seed=0, path=str(tmp_path), image_size=0)
 
 
 def _fingerprints(stream) -> list[bytes]:

@@ -10,6 +10,7 @@ from sklearn.datasets import load_digits
 from dist_mtl.data import BINARY_TASK_NAMES, DATASET_NAMES, MultiTaskDataset, TaskSpec, build_dataset
 from dist_mtl.data.multidigits import BINARY_RELATIONS, compose_multidigits
 from dist_mtl.data.synthetic import make_synthetic_problem
+from dist_mtl.errors import ConfigError
 
 SMALL = {"train_size": 600, "test_size": 200}
 
@@ -153,21 +154,21 @@ def test_synthetic_is_deterministic_and_scales_to_1000_tasks():
 
 def test_build_dataset_rejects_unknown_names_and_options():
     with pytest.raises(
-        ValueError, match="data.name: unknown data set 'mnist'; valid: multidigits, synthetic, celeba"
+        ConfigError, match="data.name: unknown data set 'mnist'; valid: multidigits, synthetic, celeba"
     ):
         build_dataset("mnist", seed=0)
     with pytest.raises(
-        ValueError, match="data.input_dim: not an option of multidigits; valid options: train_size"
+        ConfigError, match="data.input_dim: not an option of multidigits; valid options: train_size"
     ):
         build_dataset("multidigits", seed=0, input_dim=3)
-    with pytest.raises(ValueError, match="data.tasks: expected one of 'pair', 'binary', got 'triple'"):
+    with pytest.raises(ConfigError, match="data.tasks: expected one of 'pair', 'binary', got 'triple'"):
         build_dataset("multidigits", seed=0, tasks="triple")
-    with pytest.raises(ValueError, match="data.train_size: expected an integer >= 1, got '100'"):
+    with pytest.raises(ConfigError, match="data.train_size: expected an integer >= 1, got '100'"):
         build_dataset("synthetic", seed=0, train_size="100")
-    with pytest.raises(ValueError, match="data.num_clusters: expected an integer in \\[1, 4\\], got 5"):
+    with pytest.raises(ConfigError, match="data.num_clusters: expected an integer in \\[1, 4\\], got 5"):
         build_dataset("synthetic", seed=0, num_tasks=4, num_clusters=5)
-    with pytest.raises(ValueError, match="data.conflict: expected a number in \\[0.0, 1.0\\], got 1.5"):
+    with pytest.raises(ConfigError, match="data.conflict: expected a number in \\[0.0, 1.0\\], got 1.5"):
         build_dataset("synthetic", seed=0, conflict=1.5)
-    with pytest.raises(ValueError, match="seed: expected a non-negative integer"):
+    with pytest.raises(ConfigError, match="seed: expected a non-negative integer"):
         build_dataset("synthetic", seed=-1)
     assert DATASET_NAMES == ("multidigits", "synthetic", "celeba")
