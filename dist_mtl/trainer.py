@@ -113,12 +113,14 @@ def train(
     cfg: RunConfig,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     backend: Backend | None = None,
     datasets: tuple[MultiTaskDataset, MultiTaskDataset] | None = None,
 ) -> dict[str, Any]:
     """Run training as configured; returns (and on rank 0 writes) the run summary.
 
     `backend` defaults to one process on train.device; `datasets` to building them from the config.
+    `overwrite` allows training into a run directory that already holds a run, without `resume`.
     """
     rt = backend or SingleProcess(resolve_device(cfg.train.device))
     if cfg.train.threads:
