@@ -13,7 +13,7 @@ from dist_mtl.data.celeba_manifest import read_manifest
 from dist_mtl.data.celeba_miniature import make_celeba_miniature
 from dist_mtl.data.celeba_reader import iter_celeba_shards, load_celeba_split, replica_shards
 from dist_mtl.data.multidigits import BINARY_TASK_NAMES
-from dist_mtl.data.registry import DATASET_NAMES, build_dataset, dataset_options
+from dist_mtl.data.registry import DATASET_NAMES, build_dataset, dataset_num_tasks, dataset_options
 
 __all__ = [
     "BINARY_TASK_NAMES",
@@ -25,6 +25,7 @@ __all__ = [
     "TaskSpec",
     "build_dataset",
     "convert_celeba",
+    "dataset_num_tasks",
     "dataset_options",
     "find_celeba_layout",
     "iter_celeba_shards",

@@ -24,6 +24,7 @@ import torch
 
 from dist_mtl.data.base import MultiTaskDataset, TaskSpec
 from dist_mtl.data.options import require_choice, require_float, require_int
+from dist_mtl.errors import ConfigError
 
 CANVAS_SHAPE = (1, 8, 16)
 _PIXEL_MAX = 16.0  # load_digits pixel values are integers in [0, 16]
@@ -113,6 +114,29 @@ def _labels(pairs: DigitPairs, tasks: str, num_tasks: int) -> np.ndarray:
     return np.stack([rule(pairs.left_digit, pairs.right_digit) for _, rule in rules], axis=1).astype(np.int64)
 
 
+def multidigits_tasks(tasks: str, num_tasks: int | None) -> tuple[TaskSpec, ...]:
+    """The tasks of a configuration, checked; cheap, so the task count is known without building.
+
+    ``tasks="pair"``: "left" and "right", 10 classes each; ``num_tasks`` must be unset, since it would
+    otherwise be silently ignored. ``tasks="binary"``: the first ``num_tasks`` of ``BINARY_TASK_NAMES``
+    (default: all of them).
+    """
+    require_choice("tasks", tasks, ("pair", "binary"))
+    available = len(BINARY_TASK_NAMES)
+    if tasks == "pair":
+        if num_tasks is not None:
+            raise ConfigError(
+                f"data.num_tasks: multidigits with tasks 'pair' always has 2 tasks (left, right), got "
+                f"num_tasks={num_tasks!r}; num_tasks applies only to tasks 'binary' (1..{available}): "
+                "leave it unset or set data.tasks=binary"
+            )
+        return (TaskSpec("left", 10), TaskSpec("right", 10))
+    if num_tasks is None:
+        num_tasks = available
+    require_int("num_tasks", num_tasks, minimum=1, maximum=available, where="multidigits with tasks 'binary'")
+    return tuple(TaskSpec(name, 2) for name in BINARY_TASK_NAMES[:num_tasks])
+
+
 def build_multidigits(
     *,
     seed: int,
@@ -124,25 +148,12 @@ def build_multidigits(
 ) -> tuple[MultiTaskDataset, MultiTaskDataset]:
     """Train and test splits, normalised with the train split's pixel mean and standard deviation.
 
-    ``tasks="pair"``: "left" and "right", 10 classes each (``num_tasks`` must be None or 2).
-    ``tasks="binary"``: the first ``num_tasks`` of ``BINARY_TASK_NAMES`` (default: all of them).
+    Tasks as ``multidigits_tasks(tasks, num_tasks)``.
     """
     require_int("train_size", train_size, minimum=1)
     require_int("test_size", test_size, minimum=1)
     require_float("test_fraction", test_fraction, low=0.0, high=1.0, open_low=True, open_high=True)
-    require_choice("tasks", tasks, ("pair", "binary"))
-    if tasks == "pair":
-        if num_tasks not in (None, 2):
-            raise ValueError(f"data.num_tasks: multidigits pair has exactly 2 tasks, got {num_tasks!r}")
-        specs = (TaskSpec("left", 10), TaskSpec("right", 10))
-    else:
-        available = len(BINARY_TASK_NAMES)
-        if num_tasks is None:
-            num_tasks = available
-        require_int("num_tasks", num_tasks, minimum=1)
-        if num_tasks > available:
-            raise ValueError(f"data.num_tasks: multidigits binary has {available} tasks, got {num_tasks}")
-        specs = tuple(TaskSpec(name, 2) for name in BINARY_TASK_NAMES[:num_tasks])
+    specs = multidigits_tasks(tasks, num_tasks)
     train, test = compose_multidigits(
         seed=seed, train_size=train_size, test_size=test_size, test_fraction=test_fraction
     )

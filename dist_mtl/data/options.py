@@ -12,13 +12,20 @@ from typing import Any
 from dist_mtl.errors import ConfigError
 
 
-def require_int(option: str, value: Any, *, minimum: int, maximum: int | None = None) -> int:
-    """Return ``value`` if it is an int in ``[minimum, maximum]``; otherwise name the option and the range."""
+def require_int(
+    option: str, value: Any, *, minimum: int, maximum: int | None = None, where: str = ""
+) -> int:
+    """Return ``value`` if it is an int in ``[minimum, maximum]``; otherwise name the option and the range.
+
+    ``where`` names the component whose limit ``maximum`` is (e.g. "multidigits with tasks 'binary'"),
+    so a message about a data-dependent bound says where the bound comes from.
+    """
     valid = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    prefix = f"data.{option}: {where}: " if where else f"data.{option}: "
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"data.{option}: expected an integer {valid}, got {value!r}")
+        raise ConfigError(f"{prefix}expected an integer {valid}, got {value!r}")
     if value < minimum or (maximum is not None and value > maximum):
-        raise ConfigError(f"data.{option}: expected an integer {valid}, got {value}")
+        raise ConfigError(f"{prefix}expected an integer {valid}, got {value}")
     return value
 
 

@@ -1,15 +1,21 @@
-"""``build_dataset``: one entry point from a data-set name and options to (train, test) splits."""
+"""``build_dataset``: one entry point from a data-set name and options to (train, test) splits.
+
+``dataset_num_tasks`` answers "how many tasks" for the same options without building anything, so a
+launcher can check a task layout in the parent process before it starts workers.
+"""
 
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable
 from typing import Any
 
 from dist_mtl.data.base import MultiTaskDataset
-from dist_mtl.data.celeba_reader import build_celeba
-from dist_mtl.data.multidigits import build_multidigits
-from dist_mtl.data.synthetic import build_synthetic
+from dist_mtl.data.celeba_manifest import read_manifest
+from dist_mtl.data.celeba_reader import build_celeba, require_shard_path
+from dist_mtl.data.multidigits import build_multidigits, multidigits_tasks
+from dist_mtl.data.synthetic import build_synthetic, synthetic_tasks
 from dist_mtl.errors import ConfigError
 
 Builder = Callable[..., tuple[MultiTaskDataset, MultiTaskDataset]]
@@ -22,20 +28,70 @@ _BUILDERS: dict[str, Builder] = {
 DATASET_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 
 
-def dataset_options(name: str) -> tuple[str, ...]:
-    """The options ``build_dataset(name, ...)`` accepts besides ``seed``."""
+def _parameters(name: str) -> dict[str, inspect.Parameter]:
     if name not in _BUILDERS:
         raise ConfigError(f"data.name: unknown data set {name!r}; valid: {', '.join(DATASET_NAMES)}")
-    parameters = inspect.signature(_BUILDERS[name]).parameters
-    return tuple(p for p in parameters if p != "seed")
+    return dict(inspect.signature(_BUILDERS[name]).parameters)
 
 
-def build_dataset(name: str, *, seed: int, **options: Any) -> tuple[MultiTaskDataset, MultiTaskDataset]:
-    """Build the (train, test) splits of data set ``name``; the same seed gives the same data."""
+def dataset_options(name: str) -> tuple[str, ...]:
+    """The options ``build_dataset(name, ...)`` accepts besides ``seed``."""
+    return tuple(p for p in _parameters(name) if p != "seed")
+
+
+def _check_options(name: str, options: dict[str, Any]) -> None:
     valid = dataset_options(name)
     for option in options:
         if option not in valid:
             raise ConfigError(f"data.{option}: not an option of {name}; valid options: {', '.join(valid)}")
+
+
+def build_dataset(name: str, *, seed: int, **options: Any) -> tuple[MultiTaskDataset, MultiTaskDataset]:
+    """Build the (train, test) splits of data set ``name``; the same seed gives the same data."""
+    _check_options(name, options)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed: expected a non-negative integer, got {seed!r}")
     return _BUILDERS[name](seed=seed, **options)
+
+
+def _default(name: str, option: str) -> Any:
+    return _parameters(name)[option].default
+
+
+def _multidigits_count(tasks: str | None, num_tasks: int | None, path: str | os.PathLike[str]) -> int:
+    return len(multidigits_tasks(_default("multidigits", "tasks") if tasks is None else tasks, num_tasks))
+
+
+def _synthetic_count(tasks: str | None, num_tasks: int | None, path: str | os.PathLike[str]) -> int:
+    return len(synthetic_tasks(_default("synthetic", "num_tasks") if num_tasks is None else num_tasks))
+
+
+def _celeba_count(tasks: str | None, num_tasks: int | None, path: str | os.PathLike[str]) -> int:
+    _check_options("celeba", {} if num_tasks is None else {"num_tasks": num_tasks})
+    return len(read_manifest(require_shard_path(path)).attributes)
+
+
+_COUNTERS: dict[str, Callable[[str | None, int | None, str | os.PathLike[str]], int]] = {
+    "multidigits": _multidigits_count,
+    "synthetic": _synthetic_count,
+    "celeba": _celeba_count,
+}
+
+
+def dataset_num_tasks(
+    name: str,
+    *,
+    tasks: str | None = None,
+    num_tasks: int | None = None,
+    path: str | os.PathLike[str] = "",
+) -> int:
+    """T, the number of tasks ``build_dataset(name, ...)`` would give, without building the data.
+
+    multidigits: 2 for tasks "pair", ``num_tasks`` (default 43) for "binary"; synthetic: ``num_tasks``
+    or the builder's default; celeba: the attribute count in ``path``'s manifest (only the manifest is
+    read). ``None`` means "not set" (the builder's default). ``tasks`` is read for multidigits only,
+    since a config always carries a value for it; ``path`` for celeba only. The checks and messages
+    are the builders' own (ConfigError, or DataError for a bad manifest).
+    """
+    _parameters(name)  # unknown name: the same ConfigError as build_dataset
+    return _COUNTERS[name](tasks, num_tasks, path)

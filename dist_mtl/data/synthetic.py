@@ -96,6 +96,13 @@ def make_synthetic_problem(
     return SyntheticProblem(directions, clusters, label_noise)
 
 
+def synthetic_tasks(num_tasks: int) -> tuple[TaskSpec, ...]:
+    """``num_tasks`` binary tasks named ``task_000`` ... (zero-padded so that names sort in task order)."""
+    require_int("num_tasks", num_tasks, minimum=1)
+    width = len(str(num_tasks - 1))
+    return tuple(TaskSpec(f"task_{t:0{width}d}", 2) for t in range(num_tasks))
+
+
 def build_synthetic(
     *,
     seed: int,
@@ -109,7 +116,7 @@ def build_synthetic(
     label_noise: float = 0.1,
 ) -> tuple[MultiTaskDataset, MultiTaskDataset]:
     """Train and test splits of the planted problem; x is standard normal, so already normalised."""
-    require_int("num_tasks", num_tasks, minimum=1)
+    specs = synthetic_tasks(num_tasks)
     require_int("input_dim", input_dim, minimum=2)
     require_int("train_size", train_size, minimum=1)
     require_int("test_size", test_size, minimum=1)
@@ -126,8 +133,6 @@ def build_synthetic(
         spread=spread,
         label_noise=label_noise,
     )
-    width = len(str(num_tasks - 1))
-    specs = tuple(TaskSpec(f"task_{t:0{width}d}", 2) for t in range(num_tasks))
 
     def split(size: int, stream: int) -> MultiTaskDataset:
         x, y = problem.sample(size, np.random.default_rng([seed, stream]))

@@ -97,10 +97,22 @@ def test_multidigits_binary_num_tasks_takes_a_prefix_and_names_the_maximum():
     first, _ = build_dataset("multidigits", seed=2, tasks="binary", num_tasks=5, **SMALL)
     assert [t.name for t in first.tasks] == list(BINARY_TASK_NAMES[:5]) and first.y.shape == (600, 5)
     available = len(BINARY_TASK_NAMES)
-    with pytest.raises(ValueError, match=f"data.num_tasks: multidigits binary has {available} tasks, got 50"):
+    with pytest.raises(
+        ConfigError,
+        match="^data.num_tasks: multidigits with tasks 'binary': "
+        f"expected an integer in \\[1, {available}\\], got 50$",
+    ):
         build_dataset("multidigits", seed=0, tasks="binary", num_tasks=50)
-    with pytest.raises(ValueError, match="data.num_tasks: multidigits pair has exactly 2 tasks"):
-        build_dataset("multidigits", seed=0, num_tasks=3)
+
+
+@pytest.mark.parametrize("num_tasks", [2, 3])
+def test_multidigits_pair_rejects_num_tasks_instead_of_ignoring_it(num_tasks):
+    with pytest.raises(
+        ConfigError,
+        match=f"^data.num_tasks: multidigits with tasks 'pair' always has 2 tasks .*num_tasks={num_tasks}; "
+        "num_tasks applies only to tasks 'binary' \\(1..43\\)",
+    ):
+        build_dataset("multidigits", seed=0, num_tasks=num_tasks)
 
 
 def _cosines(w: np.ndarray) -> np.ndarray:
