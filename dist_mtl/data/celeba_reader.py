@@ -22,7 +22,7 @@ from dist_mtl.data.celeba_layout import CELEBA_SPLITS
 from dist_mtl.data.celeba_manifest import IMAGE_KEY, LABEL_KEY, CelebAManifest, read_manifest
 from dist_mtl.data.images import resize_square, to_chw
 from dist_mtl.data.options import require_choice, require_int
-from dist_mtl.errors import ConfigError
+from dist_mtl.errors import ConfigError, DataError
 
 
 def replica_shards(
@@ -33,10 +33,10 @@ def replica_shards(
     if not 0 <= replica_index < num_replicas:
         raise ValueError(f"replica_index must be in [0, {num_replicas}), got {replica_index}")
     if not shards:
-        raise ValueError(f"split {split!r} has no samples in this shard directory")
+        raise DataError(f"split {split!r} has no samples in this shard directory")
     if num_replicas > len(shards):
         largest = max(manifest.count(split) // num_replicas, 1)
-        raise ValueError(
+        raise DataError(
             f"split {split!r} has {len(shards)} shards but {num_replicas} replicas read it; every replica "
             f"needs a shard: convert again with shard_size <= {largest}"
         )
@@ -44,11 +44,7 @@ def replica_shards(
 
 
 def _shard_urls(directory: Path, names: tuple[str, ...]) -> list[str]:
-    urls = [str(directory / name) for name in names]
-    for url in urls:
-        if not os.path.isfile(url):
-            raise FileNotFoundError(f"{url}: shard listed in the manifest is missing")
-    return urls
+    return [str(directory / name) for name in names]  # read_manifest has checked that they exist
 
 
 def _samples(

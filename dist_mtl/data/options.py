@@ -12,9 +12,7 @@ from typing import Any
 from dist_mtl.errors import ConfigError
 
 
-def require_int(
-    option: str, value: Any, *, minimum: int, maximum: int | None = None, where: str = ""
-) -> int:
+def require_int(option: str, value: Any, *, minimum: int, maximum: int | None = None, where: str = "") -> int:
     """Return ``value`` if it is an int in ``[minimum, maximum]``; otherwise name the option and the range.
 
     ``where`` names the component whose limit ``maximum`` is (e.g. "multidigits with tasks 'binary'"),
