@@ -25,3 +25,7 @@ class CheckpointError(UserError, ValueError):
 
 class RunDirError(UserError):
     """The run directory cannot be used as asked (not writable, already holds a run, ...)."""
+
+
+class TrainingFailed(RuntimeError):
+    """The run could not produce a useful model (e.g. most steps skipped): exit code 1, not 2."""

@@ -23,18 +23,23 @@ from dist_mtl.build import (
     build_optimizer,
     resolve_device,
 )
-from dist_mtl.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+from dist_mtl.checkpoint import load_latest_checkpoint, save_checkpoint
 from dist_mtl.config import RunConfig, config_to_dict, save_config
 from dist_mtl.data import MultiTaskDataset
+from dist_mtl.errors import CheckpointError, ConfigError, TrainingFailed
 from dist_mtl.gradients import task_losses
 from dist_mtl.models import MultiTaskModel
 from dist_mtl.observe import JsonlSink, MetricSink, MultiSink, ProfilerWindow, StepRecorder, TensorBoardSink
 from dist_mtl.reference import StepResult
+from dist_mtl.rundir import check_resumable, prepare_run_dir, truncate_records
 
 
 def steps_per_epoch(num_samples: int, batch_size: int) -> int:
     if batch_size > num_samples:
-        raise ValueError(f"data.batch_size {batch_size} exceeds the {num_samples} training samples")
+        raise ConfigError(
+            f"data.batch_size {batch_size} exceeds the {num_samples} training samples; "
+            f"use at most {num_samples}"
+        )
     return num_samples // batch_size
 
 
@@ -86,14 +91,47 @@ def evaluate(
     return {spec.name: {"loss": means[0][i], "accuracy": means[1][i]} for i, spec in enumerate(data.tasks)}
 
 
-def make_sinks(cfg: RunConfig, rank: int) -> MetricSink:
+def make_sinks(cfg: RunConfig, rank: int, resumed_at: int | None) -> MetricSink:
+    """JSONL (every rank) and TensorBoard (rank 0); on resume both forget steps after the checkpoint."""
     sinks: list[MetricSink] = []
     run_dir = Path(cfg.run_dir)
     if cfg.observe.jsonl:
-        sinks.append(JsonlSink(run_dir / "metrics" / f"rank{rank}.jsonl"))
+        path = run_dir / "metrics" / f"rank{rank}.jsonl"
+        if resumed_at is not None:
+            truncate_records(path, resumed_at)
+        sinks.append(JsonlSink(path))
     if cfg.observe.tensorboard and rank == 0:
-        sinks.append(TensorBoardSink(run_dir / "tb"))
+        purge = None if resumed_at is None else resumed_at + 1
+        sinks.append(TensorBoardSink(run_dir / "tb", purge_step=purge))
     return MultiSink(sinks)
+
+
+class SkipGuard:
+    """Stops a run whose steps are mostly skipped (non-finite Gramian or losses) instead of exiting 0.
+
+    Checked after every step once `grace` steps have run, so a few early non-finite steps do not end a
+    run, but a diverged one stops within a few steps rather than at the end.
+    """
+
+    grace = 10
+    listed = 8
+
+    def __init__(self, max_fraction: float, skipped: int, first: list[int], lr: float) -> None:
+        self.max_fraction, self.skipped, self.first, self.lr = max_fraction, skipped, list(first), lr
+
+    def record(self, step: int, skipped: bool) -> None:
+        if skipped:
+            self.skipped += 1
+            if len(self.first) < self.listed:
+                self.first.append(step)
+        if step >= self.grace and self.skipped > self.max_fraction * step:
+            listed = ", ".join(map(str, self.first)) + (", ..." if self.skipped > len(self.first) else "")
+            raise TrainingFailed(
+                f"{self.skipped} of {step} steps were skipped (steps {listed}): the Gramian or the losses "
+                f"were not finite, above train.max_skipped_fraction={self.max_fraction:g}. Likely cause: the "
+                f"parameters diverged (optim.lr={self.lr:g} too high?) or the inputs hold NaN/Inf; the last "
+                "checkpoint written before this is left as it was"
+            )
 
 
 def step_scalars(result: StepResult, task_names: list[str]) -> dict[str, float]:
@@ -135,20 +173,34 @@ def train(
     n_steps = total_steps(cfg, len(train_set))
     per_epoch = steps_per_epoch(len(train_set), cfg.data.batch_size)
 
-    start_step, skipped, history = 0, 0, []
+    config = config_to_dict(cfg)
+
+    # Every check that can refuse the run happens before anything is written.
+    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite, writer=rt.rank == 0)
+    start_step, skipped, history, restarts, wall_before, first_skipped = 0, 0, [], 0, 0.0, []
     if resume:
-        ckpt = load_checkpoint(checkpoint_dir(run_dir) / "last.pt")
-        rt.load_state_dict(ckpt)
+        ckpt, _ = load_latest_checkpoint(run_dir)
+        saved = json.loads(ckpt["config"]) if "config" in ckpt else None
+        check_resumable(saved, config, ckpt["step"], n_steps)
+        try:
+            rt.load_state_dict(ckpt)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(
+                f"--resume: the checkpoint does not fit this run's model or balancer: {exc}"
+            ) from exc
         start_step, skipped, history = (
             ckpt["step"],
             ckpt.get("skipped", 0),
             json.loads(ckpt.get("history", "[]")),
         )
+        restarts, wall_before = ckpt.get("restarts", 0) + 1, ckpt.get("wall_time_s", 0.0)
+        first_skipped = json.loads(ckpt.get("first_skipped", "[]"))
+    rt.barrier()  # rank 0 may have replaced an old run (--overwrite): nobody writes before that is done
     if rt.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
 
-    sinks = make_sinks(cfg, rt.rank)
+    sinks = make_sinks(cfg, rt.rank, start_step if resume else None)
+    guard = SkipGuard(cfg.train.max_skipped_fraction, skipped, first_skipped, cfg.optim.lr)
     sync = torch.cuda.synchronize if (cfg.observe.sync_cuda and rt.device.type == "cuda") else None
     rec = StepRecorder(sync=sync)
     profiler = ProfilerWindow(
@@ -168,11 +220,22 @@ def train(
     )
     started = time.perf_counter()
 
+    def wall_time() -> float:
+        return wall_before + time.perf_counter() - started
+
     def checkpoint(step: int) -> None:
         rt.gather_model()
         st = rt.state_dict()
         if rt.rank == 0:
-            save_checkpoint(run_dir, step, {**st, "skipped": skipped, "history": json.dumps(history)})
+            extra = {
+                "skipped": guard.skipped,
+                "first_skipped": json.dumps(guard.first),
+                "history": json.dumps(history),
+                "config": json.dumps(config),
+                "restarts": restarts,
+                "wall_time_s": wall_time(),
+            }
+            save_checkpoint(run_dir, step, {**st, **extra})
         rt.barrier()
 
     def run_eval(step: int) -> dict[str, dict[str, float]]:
@@ -194,15 +257,14 @@ def train(
                     x = train_set.x[idx].to(rt.device, non_blocking=True)
                     y = train_set.y[idx].to(rt.device, non_blocking=True)
                 result = step_fn(x, y, rec)
-                skipped += int(result.skipped)
                 profiler.step()
                 record = rec.end_step(step + 1)
                 done = step + 1
+                guard.record(done, result.skipped)
                 if done % cfg.train.log_every == 0 or done == n_steps:
-                    sinks.write(
-                        done, {**record, **step_scalars(result, task_names), "skipped_steps": skipped}
-                    )
-                    bar.set_postfix(loss=f"{float(result.solution.losses.mean()):.4f}", skipped=skipped)
+                    counts = {"skipped_steps": guard.skipped, "restart": restarts}
+                    sinks.write(done, {**record, **step_scalars(result, task_names), **counts})
+                    bar.set_postfix(loss=f"{float(result.solution.losses.mean()):.4f}", skipped=guard.skipped)
                 bar.update(1)
                 epoch_end = done % per_epoch == 0
                 if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or (
@@ -214,15 +276,15 @@ def train(
         bar.close()
         final = run_eval(n_steps)
         checkpoint(n_steps)
-        wall = time.perf_counter() - started
         summary = {
             "tasks": final,
             "steps": n_steps,
             "resumed_from": start_step,
-            "skipped_steps": skipped,
-            "wall_time_s": wall,
+            "restarts": restarts,
+            "skipped_steps": guard.skipped,
+            "wall_time_s": wall_time(),  # over every (re)start of the run
             "world_size": rt.world_size,
-            "config": config_to_dict(cfg),
+            "config": config,
         }
         if rt.rank == 0:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -19,9 +19,9 @@ _BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 def profile_report(run_dir: str | Path, *, warmup: int = 2) -> str:
     """Summarise RUN_DIR/metrics/rank{N}.jsonl per rank, skipping `warmup` steps after every (re)start.
 
-    A (re)start is recognised where the step counter does not increase (a resumed run appends to the
-    same file). Lines without "time/step" (evaluation records, for instance) are not steps and are
-    ignored.
+    A (re)start is recognised where the record's "restart" index changes (a resumed run cuts the file
+    at its checkpoint's step and appends) or, in older logs, where the step counter does not increase.
+    Lines without "time/step" (evaluation records, for instance) are not steps and are ignored.
     """
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
@@ -68,11 +68,13 @@ def _read_steps(path: Path) -> list[dict[str, float]]:
 def _skip_warmup(records: Sequence[dict[str, float]], warmup: int) -> list[dict[str, float]]:
     kept = []
     since_start = 0
-    previous_step = None
+    previous: dict[str, float] | None = None
     for record in records:
-        if previous_step is not None and record["step"] <= previous_step:
+        if previous is not None and (
+            record["step"] <= previous["step"] or record.get("restart", 0) != previous.get("restart", 0)
+        ):
             since_start = 0
-        previous_step = record["step"]
+        previous = record
         since_start += 1
         if since_start > warmup:
             kept.append(record)

@@ -19,13 +19,17 @@ class MetricSink(Protocol):
 
 
 class TensorBoardSink:
-    """One scalar per key, with the record's step as the global step."""
+    """One scalar per key, with the record's step as the global step.
 
-    def __init__(self, log_dir: str | Path) -> None:
+    `purge_step` (a resumed run: its checkpoint's step + 1) makes TensorBoard hide the events the
+    interrupted run wrote at or after that step, so each step is shown once.
+    """
+
+    def __init__(self, log_dir: str | Path, purge_step: int | None = None) -> None:
         # Imported here: loading tensorboard costs about a second that `dist-mtl profile` need not pay.
         from torch.utils.tensorboard import SummaryWriter
 
-        self._writer = SummaryWriter(log_dir=str(log_dir))
+        self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def write(self, step: int, values: Mapping[str, float]) -> None:
         for key, value in values.items():
@@ -38,7 +42,7 @@ class TensorBoardSink:
 
 
 class JsonlSink:
-    """One JSON object per line; appends, so a resumed run continues the same file."""
+    """One JSON object per line; appends, so a resumed run continues the same file (cut at its step)."""
 
     def __init__(self, path: str | Path) -> None:
         path = Path(path)

@@ -1,8 +1,9 @@
 """The single-process reference steps apply exactly d = sum_t c_t grad L_t and own-gradient heads."""
 
+import pytest
 import torch
 
-from dist_mtl.balancers import build_balancer
+from dist_mtl.balancers import BALANCER_NAMES, build_balancer
 from dist_mtl.gradients import task_losses
 from dist_mtl.models import build_model
 from dist_mtl.observe import StepRecorder
@@ -21,11 +22,32 @@ def _grads_of(model, loss):
     return torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
 
 
+def _independent_gramian(ref, x, y, rep: bool) -> torch.Tensor:
+    """M = G G^T from one explicit autograd call per task: parameter gradients, or Z-gradients (rep)."""
+    if rep:
+        zl = ref.encode(x).detach().requires_grad_(True)
+        lz = task_losses(ref.head_logits(zl, range(ref.num_tasks)), y)
+        rows = [torch.autograd.grad(lz[t], zl, retain_graph=True)[0].reshape(-1) for t in range(len(lz))]
+    else:
+        losses = task_losses(ref(x), y)
+        shared = ref.shared_parameters()
+        rows = [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[t], shared, retain_graph=True)])
+            for t in range(len(losses))
+        ]
+    g = torch.stack(rows)
+    return g @ g.T
+
+
+# GetMTL with a large eps is not scale invariant, so a Gramian off by a constant factor changes its c.
+OPTIONS = {"getmtl": {"eps": 0.9}}
+
+
 def _check_update(step_cls, balancer_name: str) -> None:
     model, x, y = _problem()
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    step = step_cls(model, build_balancer(balancer_name), opt)
+    step = step_cls(model, build_balancer(balancer_name, **OPTIONS.get(balancer_name, {})), opt)
     result = step(x, y, StepRecorder())
     c = result.solution.coefficients
     assert not result.skipped and abs(float(c.sum())) > 0
@@ -34,6 +56,12 @@ def _check_update(step_cls, balancer_name: str) -> None:
     ref, _, _ = _problem()
     losses = task_losses(ref(x), y)
     shared = ref.shared_parameters()
+    # The Gramian the step solved and its c equal an independent Gramian and the balancer applied to it.
+    gramian = _independent_gramian(ref, x, y, rep=step_cls is RepStep)
+    torch.testing.assert_close(result.solution.gramian, gramian, rtol=1e-10, atol=1e-14)
+    fresh = build_balancer(balancer_name, **OPTIONS.get(balancer_name, {}))
+    expected = fresh(gramian, losses.detach()).coefficients
+    torch.testing.assert_close(c, expected, rtol=1e-9, atol=1e-12)
     if step_cls is ExactStep:
         shared_grad = torch.autograd.grad((c.to(losses) * losses).sum(), shared, retain_graph=True)
     else:  # MGDA-UB: the balanced representation gradient pushed through the encoder.
@@ -56,13 +84,22 @@ def _check_update(step_cls, balancer_name: str) -> None:
             torch.testing.assert_close(p_old - p_new.detach(), g, rtol=1e-10, atol=1e-12)
 
 
-def test_exact_step_applies_weighted_task_gradients() -> None:
-    _check_update(ExactStep, "mgda")
-    _check_update(ExactStep, "mamg")
+@pytest.mark.parametrize("balancer", BALANCER_NAMES)
+def test_exact_step_applies_weighted_task_gradients(balancer: str) -> None:
+    _check_update(ExactStep, balancer)
 
 
-def test_rep_step_applies_balanced_representation_gradient() -> None:
-    _check_update(RepStep, "mgda")
+@pytest.mark.parametrize("balancer", BALANCER_NAMES)
+def test_rep_step_applies_balanced_representation_gradient(balancer: str) -> None:
+    _check_update(RepStep, balancer)
+
+
+def test_getmtl_option_used_here_is_not_scale_invariant() -> None:
+    """The check above catches a Gramian off by a factor only if some balancer's c depends on the scale."""
+    model, x, y = _problem()
+    m = _independent_gramian(model, x, y, rep=True)
+    getmtl = build_balancer("getmtl", **OPTIONS["getmtl"])
+    assert not torch.allclose(getmtl(m).coefficients, getmtl(4 * m).coefficients, rtol=1e-3)
 
 
 def test_non_finite_batch_is_skipped_and_leaves_parameters() -> None:
