@@ -6,13 +6,11 @@ trainer; nothing here runs a collective.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from dist_mtl.balancers import Balancer, balancer_options, build_balancer
 from dist_mtl.config import RunConfig
-from dist_mtl.data import MultiTaskDataset, build_dataset
+from dist_mtl.data import MultiTaskDataset, build_dataset, dataset_options
 from dist_mtl.errors import ConfigError
 from dist_mtl.models import MultiTaskModel, build_model
 
@@ -26,18 +24,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_datasets(cfg: RunConfig) -> tuple[MultiTaskDataset, MultiTaskDataset]:
+    """The (train, test) splits, given every data field the data set's builder takes.
+
+    A field left at None means "the data set's default" and is not passed, so the builder's own
+    default applies (e.g. data.num_tasks for multidigits pair or synthetic).
+    """
     d = cfg.data
-    options: dict[str, Any] = {}
-    if d.name == "multidigits":
-        options = {"tasks": d.tasks, "train_size": d.train_size, "test_size": d.test_size}
-        if d.tasks == "binary" and d.num_tasks is not None:
-            options["num_tasks"] = d.num_tasks
-    elif d.name == "synthetic":
-        options = {"train_size": d.train_size, "test_size": d.test_size, "input_dim": d.input_dim}
-        if d.num_tasks is not None:
-            options["num_tasks"] = d.num_tasks
-    elif d.name == "celeba":
-        options = {"path": d.path, "image_size": d.image_size, "max_samples": d.max_samples}
+    options = {k: getattr(d, k) for k in dataset_options(d.name) if getattr(d, k, None) is not None}
     return build_dataset(d.name, seed=cfg.seed, **options)
 
 

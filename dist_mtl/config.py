@@ -7,18 +7,30 @@ values with the field's full dotted path and what would be valid.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from dist_mtl.balancers import BALANCER_NAMES, balancer_options
 from dist_mtl.balancers.getmtl import DEFAULT_EPS
+from dist_mtl.balancers.mgda import APPLY_MODES, NORMALIZATIONS
 from dist_mtl.balancers.solver import DEFAULT_MAX_ITER, DEFAULT_TOL
+from dist_mtl.data import DATASET_NAMES, dataset_options
+from dist_mtl.data.synthetic import build_synthetic
 from dist_mtl.errors import ConfigError
+from dist_mtl.models import ENCODER_NAMES
+
+
+def _synthetic_default(option: str) -> Any:
+    """The synthetic builder's own default, so the config and the builder cannot disagree."""
+    return inspect.signature(build_synthetic).parameters[option].default
 
 
 @dataclass
@@ -34,6 +46,9 @@ class DataConfig:
     path: str = ""  # celeba: directory of webdataset shards written by `dist-mtl data celeba`
     image_size: int = 64  # celeba: images are resized to this square size
     max_samples: int | None = None  # celeba: cap on samples read per split (None = all)
+    num_clusters: int = _synthetic_default("num_clusters")  # synthetic: task clusters, in [1, num_tasks]
+    # synthetic: paired clusters have centres with cosine -conflict (planted conflicts), in [0, 1]
+    conflict: float = _synthetic_default("conflict")
     batch_size: int = 256  # global batch per task group (every rank of a group sees the same batch)
 
 
@@ -89,7 +104,9 @@ class TrainConfig:
 
 @dataclass
 class EngineConfig:
-    protocol: str = "gramian"  # gather | gramian | sketch | rep (used when world size > 1)
+    # auto | gather | gramian | sketch | rep (used when world size > 1). auto resolves at load to rep
+    # when train.mode is rep, else gramian; the resolved name is what config.yaml records
+    protocol: str = "auto"
     replicas: int = 0  # D: data-parallel replicas (0 = world_size // task_parallel)
     task_parallel: int = 0  # K: ranks per task group (0 = world_size // replicas, or world size)
     split: list[int] = field(default_factory=list)  # tasks per rank of a task group (empty = balanced)
@@ -123,23 +140,43 @@ class RunConfig:
     observe: ObserveConfig = field(default_factory=ObserveConfig)
 
 
+# Exchange protocols of dist_mtl.engine. config cannot import the engine (the engine imports config),
+# so the names are listed here and tests/unit/test_config.py checks them against the engine's.
+PROTOCOL_NAMES: tuple[str, ...] = ("gather", "gramian", "sketch", "rep")
+# Normalisation layers of the encoders that have them (lenet, resnet18).
+NORM_NAMES: tuple[str, ...] = ("batch", "sync", "group")
+# The model fields each encoder reads (dist_mtl.models.build_model has no per-encoder registry).
+ENCODER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "mlp": ("hidden", "rep_dim"),
+    "lenet": ("rep_dim", "norm"),
+    "resnet18": ("width", "norm"),
+}
+# The optim fields each optimizer reads.
+OPTIMIZER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "adam": ("lr", "weight_decay"),
+    "sgd": ("lr", "momentum", "weight_decay"),
+}
+
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("multidigits", "synthetic", "celeba"),
+    "data.name": DATASET_NAMES,
     "data.tasks": ("pair", "binary"),
-    "model.encoder": ("mlp", "lenet", "resnet18"),
-    "model.norm": ("batch", "sync", "group"),
-    "balancer.name": ("uniform", "mgda", "getmtl", "mamg"),
-    "balancer.normalization": ("none", "l2", "loss", "loss+"),
-    "balancer.apply": ("adopted", "official"),
-    "optim.name": ("adam", "sgd"),
+    "model.encoder": ENCODER_NAMES,
+    "model.norm": NORM_NAMES,
+    "balancer.name": BALANCER_NAMES,
+    "balancer.normalization": NORMALIZATIONS,
+    "balancer.apply": APPLY_MODES,
+    "optim.name": tuple(OPTIMIZER_OPTIONS),
     "train.mode": ("exact", "rep"),
     "train.device": ("auto", "cpu", "cuda"),
-    "engine.protocol": ("gather", "gramian", "sketch", "rep"),
+    "engine.protocol": ("auto", *PROTOCOL_NAMES),
     "engine.compression": ("none", "fp16", "bf16", "topk", "countsketch"),
 }
 
 _POSITIVE = (
     "data.batch_size",
+    "data.train_size",
+    "data.test_size",
+    "data.num_clusters",
     "optim.lr",
     "balancer.tol",
     "balancer.max_iter",
@@ -152,8 +189,6 @@ _POSITIVE = (
     "model.width",
 )
 _NON_NEGATIVE = (
-    "data.train_size",
-    "data.test_size",
     "optim.momentum",
     "optim.weight_decay",
     "train.epochs",
@@ -178,8 +213,26 @@ def _get(cfg: RunConfig, path: str) -> Any:
     return obj
 
 
-def validate(cfg: RunConfig) -> RunConfig:
-    """Check every value that has a limited domain; raise ConfigError naming the field."""
+def _float_fields(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted path, value) of every float field of the tree, so none can be forgotten."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _float_fields(value, f"{prefix}{f.name}.")
+        elif float in (hints[f.name], *typing.get_args(hints[f.name])):
+            yield f"{prefix}{f.name}", value
+
+
+def _check_finite(cfg: RunConfig) -> None:
+    """inf and nan parse as floats and pass `> 0` tests (inf) or every test (nan); reject both."""
+    for path, value in _float_fields(cfg):
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{path} must be a finite number; got {value!r}")
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    """Every value with a limited domain on its own: choices, signs, intervals."""
     for path, choices in _CHOICES.items():
         value = _get(cfg, path)
         if value not in choices:
@@ -196,6 +249,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         )
     if cfg.data.max_samples is not None and cfg.data.max_samples < 1:
         raise ConfigError(f"data.max_samples must be >= 1 or null (all samples); got {cfg.data.max_samples}")
+    if not 0.0 <= cfg.data.conflict <= 1.0:
+        raise ConfigError(f"data.conflict must be in [0, 1] (a cosine magnitude); got {cfg.data.conflict!r}")
     if not 0.0 < cfg.balancer.eps <= 1.0:
         raise ConfigError(f"balancer.eps must be in (0, 1]; got {cfg.balancer.eps!r}")
     if not 0.0 <= cfg.train.max_skipped_fraction <= 1.0:
@@ -208,6 +263,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"model.hidden widths must be > 0; got {cfg.model.hidden!r}")
     if any(n <= 0 for n in cfg.engine.split):
         raise ConfigError(f"engine.split entries must be >= 1 task per rank; got {cfg.engine.split!r}")
+
+
+def _check_relations(cfg: RunConfig) -> None:
+    """Checks that relate several fields, or a field and the file system."""
     if cfg.data.name == "celeba" and not cfg.data.path:
         raise ConfigError("data.path must name a directory of CelebA shards when data.name is 'celeba'")
     if cfg.data.path and not Path(cfg.data.path).exists():
@@ -216,6 +275,116 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError("train.epochs and train.steps are both 0: set one of them to a positive number")
     if not cfg.run_dir:
         raise ConfigError("run_dir must not be empty")
+    check_batch_fits(cfg, known_train_size(cfg))
+
+
+def known_train_size(cfg: RunConfig) -> int | None:
+    """The training split's size when the config alone fixes it (a builder that takes train_size)."""
+    return cfg.data.train_size if "train_size" in dataset_options(cfg.data.name) else None
+
+
+def check_batch_fits(cfg: RunConfig, train_size: int | None, *, source: str = "data.train_size") -> None:
+    """A global batch larger than the training split would give zero steps per epoch; name both."""
+    if train_size is not None and cfg.data.batch_size > train_size:
+        raise ConfigError(
+            f"data.batch_size {cfg.data.batch_size} is larger than the training split of "
+            f"{cfg.data.name!r} ({train_size} samples, {source}); use data.batch_size <= {train_size}"
+        )
+
+
+def resolve_protocol(cfg: RunConfig) -> None:
+    """engine.protocol auto: rep for train.mode rep (the only protocol that implements it), else gramian."""
+    if cfg.engine.protocol == "auto":
+        cfg.engine.protocol = "rep" if cfg.train.mode == "rep" else "gramian"
+
+
+# Fields every component of a section reads, so never "unused".
+_ALWAYS_USED: dict[str, tuple[str, ...]] = {
+    "data": ("name", "batch_size"),
+    "model": ("encoder",),
+    "balancer": ("name",),
+    "optim": ("name",),
+}
+
+
+def _section_fields(section: str) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(getattr(RunConfig(), section)))
+
+
+def _user_of(cfg: RunConfig, section: str) -> tuple[str, str, tuple[str, ...]]:
+    """(kind, name of the component that reads `section`, the section's fields it reads).
+
+    What a component reads comes from its registry (balancer fields, data-set builder signature),
+    or from the tables above for encoders and optimizers.
+    """
+    kind, takes = {
+        "data": ("data set", dataset_options),
+        "model": ("encoder", ENCODER_OPTIONS.__getitem__),
+        "balancer": ("balancer", balancer_options),
+        "optim": ("optimizer", OPTIMIZER_OPTIONS.__getitem__),
+    }[section]
+    component = _get(cfg, f"{section}.{_ALWAYS_USED[section][0]}")
+    fields = _section_fields(section)
+    read = tuple(f for f in takes(component) if f in fields and f not in _ALWAYS_USED[section])
+    return kind, component, read
+
+
+def _engine_needs(cfg: RunConfig) -> dict[str, tuple[bool, str]]:
+    """Engine fields that only some protocols read: (read here?, when they are read)."""
+    e = cfg.engine
+    gather = e.protocol == "gather"
+    sketch = e.protocol == "sketch" or (gather and e.compression == "countsketch")
+    sketch_when = "engine.protocol sketch, or engine.protocol gather with engine.compression countsketch"
+    return {
+        "compression": (gather, "engine.protocol gather"),
+        "topk_ratio": (
+            gather and e.compression == "topk",
+            "engine.protocol gather and engine.compression topk",
+        ),
+        "sketch_size": (sketch, sketch_when),
+        "sketch_seed": (sketch, sketch_when),
+    }
+
+
+def _check_used(cfg: RunConfig) -> None:
+    """A field set away from its default that the chosen component does not read is an error.
+
+    Such a field would silently do nothing (e.g. balancer.normalization with getmtl), so the run
+    would not be the one the user asked for.
+    """
+    defaults = RunConfig()
+    for section in _ALWAYS_USED:
+        kind, component, takes = _user_of(cfg, section)
+        for name in _section_fields(section):
+            path = f"{section}.{name}"
+            if name in takes or name in _ALWAYS_USED[section] or _get(cfg, path) == _get(defaults, path):
+                continue
+            raise ConfigError(
+                f"{path} is not used by {kind} {component!r} (it takes: {', '.join(takes) or 'no options'}); "
+                f"remove it or pick another {kind}"
+            )
+    e = cfg.engine
+    user = f"engine.protocol {e.protocol!r}" + (
+        f" with engine.compression {e.compression!r}" if e.protocol == "gather" else ""
+    )
+    for name, (used, when) in _engine_needs(cfg).items():
+        path = f"engine.{name}"
+        if not used and _get(cfg, path) != _get(defaults, path):
+            raise ConfigError(
+                f"{path} {_get(cfg, path)!r} applies only with {when}; it is not used by {user}"
+            )
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check every value, resolve engine.protocol auto, then reject fields the run would not use.
+
+    Raises ConfigError naming the field and what is valid. Returns `cfg` (resolved in place).
+    """
+    _check_finite(cfg)
+    _check_ranges(cfg)
+    _check_relations(cfg)
+    resolve_protocol(cfg)
+    _check_used(cfg)
     return cfg
 
 
