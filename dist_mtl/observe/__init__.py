@@ -1,6 +1,5 @@
 """Observability: phase timers, byte counters, metric sinks, a profiler window and the profile report."""
 
-from dist_mtl.observe.console import rank_zero_print
 from dist_mtl.observe.profiler import ProfilerWindow
 from dist_mtl.observe.recorder import PHASES, StepRecorder
 from dist_mtl.observe.report import profile_report
@@ -15,5 +14,4 @@ __all__ = [
     "StepRecorder",
     "TensorBoardSink",
     "profile_report",
-    "rank_zero_print",
 ]

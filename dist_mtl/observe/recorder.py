@@ -1,22 +1,20 @@
-"""Per-step phase timers, communication accounting and scalar collection.
+"""Per-step phase timers and communication accounting.
 
 One `StepRecorder` lives on every rank. The training step wraps its phases in `rec.phase(name)`, the
-collective wrapper reports traffic through `add_bytes`, balancers hand over diagnostics through
-`add_scalars`, and `end_step` turns it all into one flat record for the metric sinks.
+collective wrapper reports traffic through `add_bytes`, and `end_step` turns it all into one flat
+record for the metric sinks (the trainer adds losses, weights and solver diagnostics to it).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-import torch
 from torch.profiler import record_function
 
 PHASES: tuple[str, ...] = ("data", "forward", "backward", "exchange", "solve", "apply", "optimizer")
 
-_RESERVED_PREFIXES = ("time/", "bytes_sent/", "bytes_recv/", "comm_seconds/")
 
 
 def _check_phase(name: str) -> None:
@@ -55,7 +53,6 @@ class StepRecorder:
         self._sent: dict[str, int] = {}
         self._recv: dict[str, int] = {}
         self._comm_seconds = 0.0
-        self._scalars: dict[str, float | torch.Tensor] = {}
 
     def _now(self) -> float:
         if self._sync is not None:
@@ -94,13 +91,6 @@ class StepRecorder:
         self._recv[target] = self._recv.get(target, 0) + int(received)
         self._comm_seconds += float(seconds)
 
-    def add_scalars(self, values: Mapping[str, float | torch.Tensor]) -> None:
-        """Keep per-step scalars; tensors are read only at `end_step`, so no host sync happens here."""
-        for key in values:
-            if key == "step" or key.startswith(_RESERVED_PREFIXES):
-                raise ValueError(f"scalar key {key!r} collides with a key the recorder writes itself")
-        self._scalars.update(values)
-
     def end_step(self, step: int) -> dict[str, float]:
         """Close the step: return its flat record and start the next one from zero."""
         if self._stack:
@@ -116,12 +106,8 @@ class StepRecorder:
         record["bytes_sent/total"] = float(sum(self._sent.values()))
         record["bytes_recv/total"] = float(sum(self._recv.values()))
         record["comm_seconds/total"] = self._comm_seconds
-        record.update({key: _to_float(value) for key, value in self._scalars.items()})
         self._step_start = now
         self._mark = now
         self._reset()
         return record
 
-
-def _to_float(value: float | torch.Tensor) -> float:
-    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)

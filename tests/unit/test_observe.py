@@ -19,7 +19,6 @@ from dist_mtl.observe import (
     StepRecorder,
     TensorBoardSink,
     profile_report,
-    rank_zero_print,
 )
 
 
@@ -124,24 +123,6 @@ def test_bytes_go_to_the_named_then_open_then_exchange_phase_and_reset() -> None
     assert (empty["bytes_sent/total"], empty["bytes_recv/total"], empty["comm_seconds/total"]) == (0, 0, 0)
 
 
-def test_scalars_are_read_at_end_step_and_cleared() -> None:
-    rec = StepRecorder()
-    loss = torch.tensor(1.0)
-    rec.add_scalars({"loss/0": loss, "weight/0": 0.25, "grad": torch.tensor(3.0, requires_grad=True) * 2})
-    loss += 1.0  # converted lazily: the value at end_step is what gets logged
-    record = rec.end_step(0)
-    assert record["loss/0"] == 2.0 and type(record["loss/0"]) is float
-    assert record["weight/0"] == 0.25
-    assert record["grad"] == 6.0
-    assert "loss/0" not in rec.end_step(1)
-
-
-@pytest.mark.parametrize("key", ["step", "time/forward", "bytes_sent/total", "comm_seconds/total"])
-def test_scalars_cannot_overwrite_recorder_keys(key: str) -> None:
-    with pytest.raises(ValueError, match="collides"):
-        StepRecorder().add_scalars({key: 1.0})
-
-
 def test_end_step_inside_an_open_phase_is_an_error() -> None:
     rec = StepRecorder()
     with pytest.raises(RuntimeError, match="optimizer"), rec.phase("optimizer"):
@@ -217,12 +198,6 @@ def test_multi_sink_fans_out_and_closes_every_sink_even_if_one_fails() -> None:
     with pytest.raises(OSError, match="disk full"):
         multi.close()
     assert first.closed and second.closed
-
-
-def test_rank_zero_print_prints_only_on_rank_zero(capsys: pytest.CaptureFixture[str]) -> None:
-    rank_zero_print("hello", 3, rank=1)
-    rank_zero_print("hello", 3, rank=0)
-    assert capsys.readouterr().out == "hello 3\n"
 
 
 # --- profile_report -----------------------------------------------------------------------------------
