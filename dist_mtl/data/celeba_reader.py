@@ -1,5 +1,8 @@
 """Read CelebA webdataset shards: whole splits into memory, or one replica's shards as a stream.
 
+Samples are read and checked by ``celeba_samples.read_samples``: a damaged shard, or one holding
+another number of samples than the manifest lists, is a DataError naming the shard and the key.
+
 Streams are sharded by *replica index*, not by rank: every rank of a task group shares one batch, so
 all of them must read the same samples in the same order. Replica r of D reads shards r, r + D,
 r + 2D, ... of the split; ranks that pass the same replica index (and seed) get identical sequences,
@@ -15,20 +18,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 
 from dist_mtl.data.base import MultiTaskDataset, TaskSpec
 from dist_mtl.data.celeba_layout import CELEBA_SPLITS
-from dist_mtl.data.celeba_manifest import IMAGE_KEY, LABEL_KEY, CelebAManifest, read_manifest
-from dist_mtl.data.images import resize_square, to_chw
+from dist_mtl.data.celeba_manifest import CelebAManifest, ShardEntry, read_manifest
+from dist_mtl.data.celeba_samples import read_samples
 from dist_mtl.data.options import require_choice, require_int
 from dist_mtl.errors import ConfigError, DataError
 
 
-def replica_shards(
+def _replica_entries(
     manifest: CelebAManifest, split: str, *, replica_index: int, num_replicas: int
-) -> tuple[str, ...]:
-    """Names of the shards of ``split`` that replica ``replica_index`` of ``num_replicas`` reads."""
+) -> tuple[ShardEntry, ...]:
     shards = manifest.shards(split)
     if not 0 <= replica_index < num_replicas:
         raise ValueError(f"replica_index must be in [0, {num_replicas}), got {replica_index}")
@@ -40,28 +41,15 @@ def replica_shards(
             f"split {split!r} has {len(shards)} shards but {num_replicas} replicas read it; every replica "
             f"needs a shard: convert again with shard_size <= {largest}"
         )
-    return tuple(shard.name for shard in shards[replica_index::num_replicas])
+    return shards[replica_index::num_replicas]
 
 
-def _shard_urls(directory: Path, names: tuple[str, ...]) -> list[str]:
-    return [str(directory / name) for name in names]  # read_manifest has checked that they exist
-
-
-def _samples(
-    urls: list[str], manifest: CelebAManifest, image_size: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Decoded (x, y) pairs of the shards, in order; x normalised with the manifest statistics."""
-    if not urls:
-        return
-    mean = np.asarray(manifest.mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(manifest.std, dtype=np.float32)[:, None, None]
-    # Shards are chosen by the caller, so webdataset's own node and worker splitting is switched off.
-    pipeline = wds.WebDataset(
-        urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
-    ).decode("pil")
-    for sample in pipeline:
-        x = (to_chw(resize_square(sample[IMAGE_KEY], image_size)) - mean) / std
-        yield torch.from_numpy(x), torch.from_numpy(np.asarray(sample[LABEL_KEY], dtype=np.int64))
+def replica_shards(
+    manifest: CelebAManifest, split: str, *, replica_index: int, num_replicas: int
+) -> tuple[str, ...]:
+    """Names of the shards of ``split`` that replica ``replica_index`` of ``num_replicas`` reads."""
+    entries = _replica_entries(manifest, split, replica_index=replica_index, num_replicas=num_replicas)
+    return tuple(entry.name for entry in entries)
 
 
 def iter_celeba_shards(
@@ -82,10 +70,10 @@ def iter_celeba_shards(
     directory = Path(path)
     manifest = read_manifest(directory)
     require_int("image_size", image_size, minimum=1)
-    names = replica_shards(manifest, split, replica_index=replica_index, num_replicas=num_replicas)
+    entries = _replica_entries(manifest, split, replica_index=replica_index, num_replicas=num_replicas)
     if seed is not None:
-        names = tuple(names[i] for i in np.random.default_rng(seed).permutation(len(names)))
-    return _samples(_shard_urls(directory, names), manifest, image_size)
+        entries = tuple(entries[i] for i in np.random.default_rng(seed).permutation(len(entries)))
+    return read_samples(directory, manifest, split, entries, image_size)
 
 
 def load_celeba_split(
@@ -94,8 +82,8 @@ def load_celeba_split(
     """The first ``max_samples`` samples (default: all) of ``split`` in manifest order, in memory."""
     directory = Path(path)
     manifest = read_manifest(directory)
-    names = tuple(shard.name for shard in manifest.shards(split))
-    pairs = list(itertools.islice(_samples(_shard_urls(directory, names), manifest, image_size), max_samples))
+    samples = read_samples(directory, manifest, split, manifest.shards(split), image_size)
+    pairs = list(itertools.islice(samples, max_samples))
     if pairs:
         x = torch.stack([p[0] for p in pairs])
         y = torch.stack([p[1] for p in pairs])

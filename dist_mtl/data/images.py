@@ -2,8 +2,30 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 from PIL import Image
+
+from dist_mtl.errors import DataError
+
+# What PIL raises for bytes that are not a complete image: unknown format (UnidentifiedImageError, an
+# OSError), truncated data (OSError), broken headers (SyntaxError, ValueError, EOFError), bombs.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def decode_image(data: bytes, what: str) -> Image.Image:
+    """Fully decode ``data`` (not just its header: PIL opens lazily); a DataError names ``what``.
+
+    Used by the converter on source JPEGs and by the reader on shard samples, so a corrupt image is
+    reported the same way, naming the file (or shard and key) instead of ending in a PIL traceback.
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except _DECODE_ERRORS as exc:
+        raise DataError(f"{what}: not a readable image ({exc})") from None
+    return image
 
 
 def resize_square(image: Image.Image, size: int) -> Image.Image:
