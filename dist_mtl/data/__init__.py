@@ -1,7 +1,7 @@
 """Data sets as in-memory multi-task splits, plus the CelebA layout parser and webdataset shards."""
 
 from dist_mtl.data.base import MultiTaskDataset, TaskSpec
-from dist_mtl.data.celeba_convert import convert_celeba
+from dist_mtl.data.celeba_convert import DEFAULT_SHARD_SIZE, convert_celeba
 from dist_mtl.data.celeba_layout import (
     CELEBA_ATTRIBUTES,
     CELEBA_SPLITS,
@@ -20,6 +20,7 @@ __all__ = [
     "CELEBA_ATTRIBUTES",
     "CELEBA_SPLITS",
     "DATASET_NAMES",
+    "DEFAULT_SHARD_SIZE",
     "CelebAFormatError",
     "MultiTaskDataset",
     "TaskSpec",
