@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_mtl.data.missing import DataFileNotFoundError
 from dist_mtl.errors import DataError
 
 CELEBA_ATTRIBUTES: tuple[str, ...] = (
@@ -78,37 +79,49 @@ class CelebAIndex:
 
 
 def find_celeba_layout(root: str | os.PathLike[str]) -> CelebALayout:
-    """Detect the official or torchvision layout under ``root``; FileNotFoundError says what is missing."""
+    """Detect the official or torchvision layout under ``root``; the error names what is missing."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"CelebA root {root} does not exist or is not a directory")
+        raise DataFileNotFoundError(f"CelebA root {root} does not exist or is not a directory")
     for kind, images, attr, partition in CELEBA_LAYOUTS:
         if not (root / attr).is_file():
             continue
         layout = CelebALayout(kind, root / images, root / attr, root / partition)
         if not layout.partition_file.is_file():
-            raise FileNotFoundError(f"{layout.partition_file}: missing ({kind} CelebA layout, found {attr})")
+            raise DataFileNotFoundError(
+                f"{layout.partition_file}: missing ({kind} CelebA layout, found {attr})"
+            )
         if not layout.images_dir.is_dir():
             hint = (
                 " (unzip img_align_celeba.zip there)"
                 if layout.images_dir.with_suffix(".zip").exists()
                 else ""
             )
-            raise FileNotFoundError(f"{layout.images_dir}: missing image directory{hint}")
+            raise DataFileNotFoundError(f"{layout.images_dir}: missing image directory{hint}")
         return layout
     expected = " or ".join(f"{root / attr} ({kind})" for kind, _, attr, _ in CELEBA_LAYOUTS)
-    raise FileNotFoundError(f"no CelebA layout under {root}: expected {expected}")
+    raise DataFileNotFoundError(f"no CelebA layout under {root}: expected {expected}")
+
+
+def _read_lines(path: Path) -> list[str]:
+    """The lines of an annotation file; bytes that are not UTF-8 are a CelebAFormatError at their line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise CelebAFormatError(path, line, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def _numbered_rows(path: Path, first: int) -> list[tuple[int, list[str]]]:
     """Whitespace-split, non-blank lines from 1-based line ``first`` on, with their line numbers."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _read_lines(path)
     return [(n, line.split()) for n, line in enumerate(lines[first - 1 :], start=first) if line.strip()]
 
 
 def parse_attributes(path: Path) -> tuple[list[str], np.ndarray, list[int]]:
     """Image names, labels (uint8, 0/1) and the line number of each row of ``list_attr_celeba.txt``."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _read_lines(path)
     if len(lines) < 2:
         raise CelebAFormatError(path, len(lines) + 1, "expected an image count line and a line of 40 names")
     try:
@@ -187,7 +200,7 @@ def load_celeba_index(root: str | os.PathLike[str]) -> CelebAIndex:
     present = set(os.listdir(layout.images_dir))
     for name, n in zip(filenames, numbers, strict=True):
         if name not in present:
-            raise FileNotFoundError(
+            raise DataFileNotFoundError(
                 f"{layout.images_dir / name}: missing image (listed on line {n} of {layout.attr_file})"
             )
     codes = np.array([partition[name][0] for name in filenames], dtype=np.int64)

@@ -24,6 +24,7 @@ from dist_mtl.data import (
     read_manifest,
     replica_shards,
 )
+from dist_mtl.data.missing import DataFileNotFoundError
 from dist_mtl.errors import ConfigError
 
 NUM_IMAGES = 30
@@ -131,16 +132,30 @@ def test_images_missing_from_the_partition_file_are_reported(copy_root):
 def test_missing_image_names_the_image_and_the_line(copy_root):
     (copy_root / "Img/img_align_celeba/000009.jpg").unlink()
     with pytest.raises(
-        FileNotFoundError, match="000009.jpg: missing image \\(listed on line 11 of .*list_attr"
+        DataFileNotFoundError, match="000009.jpg: missing image \\(listed on line 11 of .*list_attr"
     ):
         load_celeba_index(copy_root)
 
 
-def test_missing_root_or_layout_names_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope")):
+def test_missing_root_or_layout_names_the_path(tmp_path, copy_root):
+    with pytest.raises(DataFileNotFoundError, match=str(tmp_path / "nope")):
         load_celeba_index(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="no CelebA layout under .*Anno/list_attr_celeba.txt"):
+    with pytest.raises(DataFileNotFoundError, match="no CelebA layout under .*Anno/list_attr_celeba.txt"):
         load_celeba_index(tmp_path)
+    (copy_root / "Eval/list_eval_partition.txt").unlink()
+    with pytest.raises(
+        DataFileNotFoundError, match="list_eval_partition.txt: missing \\(official CelebA layout"
+    ):
+        load_celeba_index(copy_root)
+
+
+def test_annotation_file_that_is_not_text_names_file_and_line(copy_root):
+    attr = copy_root / "Anno/list_attr_celeba.txt"
+    lines = attr.read_bytes().split(b"\n")
+    lines[3] = lines[3][:10] + b"\xff\xfe" + lines[3][10:]
+    attr.write_bytes(b"\n".join(lines))
+    with pytest.raises(CelebAFormatError, match=f"^{attr}:4: not UTF-8 text"):
+        load_celeba_index(copy_root)
 
 
 def test_conversion_writes_shards_and_manifest(mini_root, shards):
