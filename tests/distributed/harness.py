@@ -144,10 +144,21 @@ def run_worker(world_size: int, spec: dict[str, Any], path: Path, timeout: float
     )
 
 
+# Checkpoint fields that differ between two runs of the same training by design: the run's own
+# directory and engine layout (in `config`), and its wall-clock time.
+RUN_SPECIFIC_CONFIG = ("run_dir", "engine")
+
+
 def load(path: Path) -> dict[str, Any]:
-    """A checkpoint, with its JSON-encoded evaluation history decoded so numbers compare with tolerance."""
+    """A checkpoint, with its JSON-encoded evaluation history decoded so numbers compare with tolerance.
+
+    The wall-clock time is dropped and so are the run-specific parts of the recorded config; the rest
+    of the config must be equal, so a comparison also checks that both runs trained the same thing.
+    """
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    return {**ckpt, "history": json.loads(ckpt["history"])}
+    ckpt.pop("wall_time_s", None)
+    config = {k: v for k, v in json.loads(ckpt.get("config", "{}")).items() if k not in RUN_SPECIFIC_CONFIG}
+    return {**ckpt, "history": json.loads(ckpt["history"]), "config": config}
 
 
 def compare(actual: Any, expected: Any, where: str = "") -> list[str]:

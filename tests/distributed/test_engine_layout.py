@@ -60,7 +60,12 @@ def test_layout_numbering_split_and_groups() -> None:
             5,
             "with train.mode 'exact' engine.protocol must be one of gather, gramian",
         ),
-        (("train.mode=rep",), 2, 5, "with train.mode 'rep' engine.protocol must be one of rep"),
+        (
+            ("train.mode=rep", "engine.protocol=gramian"),
+            2,
+            5,
+            "with train.mode 'rep' engine.protocol must be one of rep",
+        ),
         (
             ("engine.protocol=gramian", "engine.compression=fp16"),
             2,
