@@ -10,8 +10,12 @@ The same code minimises 1/2 x^T Q x + q^T x over the simplex when that equals a 
 translated points (q = B^T v for Q = B^T B: 1/2 ||B x + v||^2 on the simplex, up to a constant); GetMTL
 needs this form. The affine minimiser of a corral S solves Q_SS x + q_S = nu 1 with 1^T x = 1. Adding
 c 11^T to Q_SS only shifts nu, and A = Q_SS + c 11^T is positive definite exactly when the corral's
-points are affinely independent, so one Cholesky factor of A (extended when points enter, partly
-re-factored when they leave) gives x = (1 + 1^T A^-1 q_S) / (1^T A^-1 1) A^-1 1 - A^-1 q_S.
+points are affinely independent, so a Cholesky factor of A gives
+x = (1 + 1^T A^-1 q_S) / (1^T A^-1 1) A^-1 1 - A^-1 q_S.
+
+This module is the algorithm as a reader expects it. What makes it fast and robust at large T lives
+beside it: `corral.py` keeps the factor of A current (batched extension, constraint-based drops, lazy
+refactor) and `large_t.py` holds the moves beyond the textbook (batched insertion, drops at once).
 """
 
 from __future__ import annotations
@@ -21,16 +25,25 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.linalg import lapack
 
 from dist_mtl.balancers._arrays import ArrayLike, as_gramian, to_torch
+from dist_mtl.balancers.corral import EPS, Corral
+from dist_mtl.balancers.large_t import drop_at_once, enter
 
-EPS = float(np.finfo(np.float64).eps)
+__all__ = [
+    "DEFAULT_MAX_ITER",
+    "DEFAULT_TOL",
+    "EPS",
+    "MinNormInfo",
+    "check_solver_options",
+    "min_norm",
+    "relative_gap",
+    "solve_min_norm",
+    "solve_simplex_qp",
+]
+
 DEFAULT_TOL = 1e-10
 DEFAULT_MAX_ITER = 10_000
-_MIN_BATCH = 64  # vertices a major cycle may admit even when the corral is smaller
-_DROP_ROUNDS = 8  # affine solves a minor cycle may spend dropping all non-positive weights at once
-_SMALL = 64  # corrals up to this size are re-factored from scratch when points leave
 
 
 @dataclass(frozen=True)
@@ -127,20 +140,14 @@ def _wolfe(
     """Wolfe's min-norm-point algorithm for Q / scale, which has unit largest diagonal (so c = 1 in A).
 
     Q is read, never copied: the division by `scale` happens on the blocks and products used.
-
-    Two deviations from the textbook, both keeping its termination argument (every accepted corral
-    is an affine minimiser with positive weights and a strictly smaller objective, so none repeats):
-    a major cycle admits up to max(_MIN_BATCH, n) improving vertices at once (most negative gradient
-    first) instead of one; and when the affine minimiser has non-positive weights, a minor cycle
-    first drops all of them at once (again on the smaller corral, up to _DROP_ROUNDS solves), falling
-    back to the line search if that does not end on a positive, better minimiser. On T = 1000
-    Gramians with ~800 tasks in the support this takes ~40 affine solves instead of ~900; `_Corral`
-    keeps each of them at O(n^2) once the corral is large.
+    Minor cycles move to the corral's affine minimiser, dropping points whose weight reaches 0; a major
+    cycle checks the duality gap and brings in improving vertices. Every affine solve counts against
+    `max_iter`. The large-T moves (`large_t.py`) keep the textbook's termination argument.
     """
     T = Q.shape[0]
     tiny = T * EPS
     has_q = bool(q.any())
-    corral = _Corral(Q, scale, q if has_q else None, int((0.5 * Q.diagonal() / scale + q).argmin()))
+    corral = Corral(Q, scale, q if has_q else None, int((0.5 * Q.diagonal() / scale + q).argmin()))
     seeds = np.unique(np.asarray(init, dtype=np.intp))
     seeds = seeds[seeds != corral.S[0]]
     while len(seeds):  # warm start: admit the seeds, skipping any that is affinely dependent
@@ -164,21 +171,11 @@ def _wolfe(
             if not len(out):  # NaN: only a numerically singular factor can do this
                 stalled = True
                 break
-            # Drop every non-positive weight at once and re-solve, a few rounds; keep it if that ends
-            # on positive weights and a better value, otherwise undo it and do Wolfe's line search.
-            saved, trial = corral.state(), None
-            for _ in range(min(_DROP_ROUNDS, max_iter - iterations)):
-                if not corral.drop(out, alpha):
-                    break
-                iterations += 1
-                trial, value = corral.affine()
-                out = corral.nonpositive(trial)
-                if out is None or not len(out):
-                    break
-            if out is None and value < f_prev:
-                corral.lam = trial
+            accepted, used = drop_at_once(corral, alpha, out, max_iter - iterations, f_prev)
+            iterations += used
+            if accepted:
                 break
-            corral.restore(saved)
+            # Wolfe's line search: the furthest point toward alpha that stays on the simplex.
             lam, neg = corral.lam, corral.nonpositive(alpha)
             ratio = lam[neg] / np.maximum(lam[neg] - alpha[neg], np.finfo(np.float64).tiny)
             theta = float(ratio.min())
@@ -186,9 +183,8 @@ def _wolfe(
             if not corral.drop(neg[ratio <= theta], lam):
                 stalled = True
                 break
-        S, lam = corral.S, corral.lam
-        w = np.zeros(T)
-        w[S] = lam
+        # Major cycle: the duality gap certifies the point; improving vertices enter the corral.
+        w = corral.weights()
         quad = Q @ w
         quad /= scale
         x_quad = float(w @ quad)
@@ -202,7 +198,7 @@ def _wolfe(
             break
         f = 0.5 * x_quad + x_lin
         improving = grad < x_quad + x_lin - tol * size
-        improving[S[lam > 0.0]] = False
+        improving[corral.S[corral.lam > 0.0]] = False
         cand = improving.nonzero()[0]
         if stalled or f >= f_prev or not len(cand):
             # Rounding in the bordered solves can stall above the rounding level: re-solve directly.
@@ -211,282 +207,13 @@ def _wolfe(
                 continue
             stalled = True
             break
-        cand = cand[np.argsort(grad[cand], kind="stable")[: max(len(S) - len(corral.D), _MIN_BATCH)]]
-        if not corral.admit(cand):
+        if not enter(corral, cand[np.argsort(grad[cand], kind="stable")], grad):
             stalled = True
             break
         f_prev = f
-    weights = np.zeros(T)
-    weights[corral.S] = corral.lam
+    weights = corral.weights()
     weights /= weights.sum()
     rel = gap / size
     converged = rel <= tol or (stalled and gap <= 64 * tiny)
     degenerate = "pareto_stationary" if not has_q and x_quad <= 16 * tiny else None
     return weights, MinNormInfo(iterations, rel, converged, degenerate)
-
-
-class _Corral:
-    """The corral as a base set B (task indices S, Cholesky factor L of A_B = Q_BB / scale + 11^T) minus the
-    positions D of points that left it, with weights `lam` over B (exactly 0 on D).
-
-    Up to _SMALL points, D stays empty and L is simply re-computed (lazily, L = None until the next
-    solve) whenever the corral changes: a few LAPACK calls beat any bookkeeping. Beyond that,
-    re-factoring after a drop would cost O(n^3), so a point at position p that leaves becomes the
-    constraint x_p = 0 of the affine solve on B: with W = L^-1 E_D and K the Cholesky factor of
-    W^T W = (A_B^-1)_DD, the solution of A_C u_C = r_C is u = A_B^-1 (r - E_D mu) with
-    mu = K^-T K^-1 (A_B^-1 r)_D: two triangular solves on L and O(n d) more per affine solve, O(n^2)
-    per dropped point. When D outgrows half of B, or rounding asks for it, B is re-factored as B \\ D.
-    """
-
-    __slots__ = ("Q", "scale", "q", "S", "L", "lam", "D", "W", "K")
-
-    def __init__(self, Q: np.ndarray, scale: float, q: np.ndarray | None, start: int) -> None:
-        self.Q, self.scale, self.q = Q, scale, q
-        self.S = np.array([start], dtype=np.intp)
-        self.L = np.sqrt(np.array([[Q[start, start] / scale + 1.0]]))
-        self.lam = np.ones(1)
-        self._clear()
-
-    def _clear(self) -> None:
-        self.D = _NO_POSITIONS
-        self.W = self.K = None
-
-    def _gather(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """A = Q / scale + 11^T restricted to rows x cols (two takes beat one 2-d gather)."""
-        block = self.Q.take(rows, axis=0).take(cols, axis=1)
-        block /= self.scale
-        block += 1.0
-        return block
-
-    def state(self) -> tuple:
-        return self.S, self.L, self.lam, self.D, self.W, self.K
-
-    def restore(self, state: tuple) -> None:
-        self.S, self.L, self.lam, self.D, self.W, self.K = state
-        self.lam = self.lam.copy()
-
-    def nonpositive(self, alpha: np.ndarray) -> np.ndarray | None:
-        """Corral positions where alpha <= 0 (an empty array if alpha has NaN), None if there are none."""
-        if not len(self.D):
-            low = float(alpha.min())
-            if low > 0.0:
-                return None
-            return (alpha <= 0.0).nonzero()[0] if low <= 0.0 else _NO_POSITIONS
-        out = alpha <= 0.0
-        out[self.D] = False
-        if out.any():
-            return out.nonzero()[0]
-        return None if np.isfinite(alpha).all() else _NO_POSITIONS
-
-    def _solve(self, r: np.ndarray) -> np.ndarray:
-        """A_C^-1 r_C on the positions of B, 0 on D (L must be factored)."""
-        u = lapack.dpotrs(self.L, r, lower=1)[0]
-        if len(self.D):
-            mu = lapack.dpotrs(self.K, u[self.D], lower=1)[0]
-            u -= lapack.dtrtrs(self.L, self.W @ mu, lower=1, trans=1)[0]
-            u[self.D] = 0.0
-        return u
-
-    def affine(self) -> tuple[np.ndarray, float]:
-        """Minimiser of 1/2 x^T Q x + q^T x on the corral's affine hull, and its value.
-
-        With y1 = A^-1 1, y2 = A^-1 q: x = t y1 - y2, t = (1 + 1^T y2) / 1^T y1, and Q x + q = (t - 1) 1,
-        so the value is (t - 1 + q^T x) / 2 without another product with Q.
-        """
-        if self._factor() is None:
-            nan = np.full(len(self.S), np.nan)
-            return nan, np.nan
-        n = len(self.S)
-        if self.q is None:
-            y = self._solve(np.ones(n))
-            total = y.sum()
-            return y / total, 0.5 * (1.0 / total - 1.0)
-        q = self.q[self.S]
-        q[self.D] = 0.0
-        y = self._solve(np.column_stack([np.ones(n), q]))
-        t = (1.0 + y[:, 1].sum()) / y[:, 0].sum()
-        x = t * y[:, 0] - y[:, 1]
-        return x, 0.5 * (t - 1.0 + float(q @ x))
-
-    def drop(self, P: np.ndarray, priority: np.ndarray) -> bool:
-        """Remove positions P from the corral (lam there set to 0, the rest renormalised); False if
-        rounding breaks definiteness. `priority` orders any re-factored part (see `_refactor`)."""
-        lam = self.lam.copy()
-        lam[P] = 0.0
-        total = lam.sum()
-        self.lam = lam / total if total > 0.0 else lam  # a trial may drop all; its caller undoes it
-        n, d, k = len(self.S), len(self.D), len(P)
-        if n - d - k <= _SMALL or 2 * (d + k) > n:
-            keep = np.ones(n, dtype=bool)
-            keep[P] = False
-            keep[self.D] = False
-            return self._refactor(keep, priority)
-        E = np.zeros((n, k), order="F")
-        E[P, np.arange(k)] = 1.0
-        w = lapack.dtrtrs(self.L, E, lower=1, overwrite_b=1)[0]
-        block = w.T @ w
-        if d:
-            cross = lapack.dtrtrs(self.K, self.W.T @ w, lower=1)[0]
-            block -= cross.T @ cross
-        factor, info = lapack.dpotrf(block, lower=1, clean=1)
-        if info:
-            keep = np.ones(n, dtype=bool)
-            keep[P] = False
-            keep[self.D] = False
-            return self._refactor(keep, priority)
-        K = np.zeros((d + k, d + k), order="F")
-        if d:
-            K[:d, :d] = self.K
-            K[d:, :d] = cross.T
-            w = np.hstack([self.W, w])
-        K[d:, d:] = factor
-        self.K, self.W, self.D = K, w, np.concatenate([self.D, P])
-        return True
-
-    def compact(self) -> bool:
-        """Re-factor on B \\ D; False if rounding breaks definiteness (the state is then unchanged)."""
-        keep = np.ones(len(self.S), dtype=bool)
-        keep[self.D] = False
-        return self._refactor(keep, self.lam)
-
-    def _refactor(self, keep: np.ndarray, priority: np.ndarray) -> bool:
-        """B := the kept positions (lam must be 0 on the others); False if rounding breaks definiteness.
-
-        A small B is left to the next solve to factor. Otherwise positions before the first dropped one
-        keep their rows of L, and the rest is re-factored from the Schur complement, sorted by
-        decreasing `priority` (the weights) so that the points most likely to leave next end up last,
-        where removing them is cheap.
-        """
-        lam = self.lam
-        if np.count_nonzero(keep) <= _SMALL:
-            self.S, self.L, self.lam = self.S[keep], None, lam[keep]
-            self._clear()
-            return True
-        L = self.L  # factored: B is large
-        first = int(np.argmin(keep))
-        tail = first + np.flatnonzero(keep[first:])
-        tail = tail[np.argsort(-priority[tail], kind="stable")]
-        idx = self.S[tail]
-        block = self._gather(idx, idx)
-        if first:
-            lead = L[tail, :first]
-            block -= lead @ lead.T
-        factor, info = lapack.dpotrf(block, lower=1, clean=1, overwrite_a=1)
-        if info:
-            return False
-        m = first + len(tail)
-        if first:
-            L_new = np.empty((m, m), order="F")
-            L_new[:first, :first] = L[:first, :first]
-            L_new[:first, first:] = 0.0
-            L_new[first:, :first] = lead
-            L_new[first:, first:] = factor
-            tail = np.concatenate([np.arange(first), tail])
-        else:
-            L_new = factor
-        self.S, self.L, self.lam = self.S[tail], L_new, lam[tail]
-        self._clear()
-        return True
-
-    def _factor(self) -> np.ndarray | None:
-        """L, computed first if a small corral changed since it was last factored; None if singular."""
-        while self.L is None:
-            L, info = lapack.dpotrf(self._gather(self.S, self.S), lower=1, clean=1)
-            if not info:
-                self.L = L
-                break
-            # Factoring in another order can round a tiny pivot that `extend` accepted to <= 0; such
-            # a point has just entered (weight 0) and can go. Otherwise the corral is singular.
-            p = info - 1
-            if self.lam[p] > 0.0:
-                return None
-            keep = np.arange(len(self.S)) != p
-            self.S, self.lam = self.S[keep], self.lam[keep]
-        return self.L
-
-    def admit(self, cand: np.ndarray) -> bool:
-        """Bring improving vertices into the corral with weight 0: dropped ones back from D, new ones
-        by extending B (the leading ones that keep L safely definite). False if none could enter."""
-        if len(self.D):
-            pos = np.full(self.Q.shape[0], -1, dtype=np.intp)
-            pos[self.S] = np.arange(len(self.S))
-            back = pos[cand]
-            back = back[back >= 0]
-            if len(back):
-                keep = ~np.isin(self.D, back)
-                self.D, self.W = self.D[keep], self.W[:, keep]
-                if not len(self.D):
-                    self._clear()
-                elif not self._refactor_K():
-                    return self.compact() and self.admit(cand)
-                cand = cand[pos[cand] < 0]
-                if not len(cand):
-                    return True
-        if self.extend(cand):
-            return True
-        return bool(len(self.D)) and self.compact() and self.extend(cand) > 0
-
-    def _refactor_K(self) -> bool:
-        factor, info = lapack.dpotrf(self.W.T @ self.W, lower=1, clean=1)
-        self.K = factor
-        return info == 0
-
-    def extend(self, idx: np.ndarray) -> int:
-        """Add the tasks idx (in order) to B with weight 0, as many leading ones as keep the factor
-        safely definite; returns how many entered. O(n^2 k) plus one O(n^2) copy of L."""
-        n, k = len(self.S), len(idx)
-        if n + k <= _SMALL:  # factor the whole corral again: fewer calls than extending
-            S = np.concatenate([self.S, idx])
-            A = self._gather(S, S)
-            factor, info = lapack.dpotrf(A, lower=1, clean=1)
-            if 0 < info <= n:  # the corral itself rounds to singular: nothing can enter
-                return 0
-            j = _good_pivots(factor[n:, n:], info - n if info else 0, A.diagonal()[n:], n)
-            if j:
-                self.S, self.L = S[: n + j], factor if j == k else None
-                self.lam = np.concatenate([self.lam, np.zeros(j)])
-            return j
-        L = self._factor()
-        if L is None:
-            return 0
-        n = len(self.S)
-        block = self._gather(idx, idx)
-        scale = block.diagonal().copy()
-        cross = self._gather(idx, self.S).T  # Q is symmetric; the transpose is Fortran-ordered
-        cross = lapack.dtrtrs(L, cross, lower=1, overwrite_b=1)[0]
-        block -= cross.T @ cross
-        factor, info = lapack.dpotrf(block, lower=1, clean=1)
-        j = _good_pivots(factor, info, scale, n)
-        if j == 0:
-            return 0
-        if j < k:
-            cross, idx = cross[:, :j], idx[:j]
-            factor = lapack.dpotrf(block[:j, :j], lower=1, clean=1)[0]
-        L_new = np.empty((n + j, n + j), order="F")  # every block written: no zero-fill of n^2
-        L_new[:n, :n] = L
-        L_new[:n, n:] = 0.0
-        L_new[n:, :n] = cross.T
-        L_new[n:, n:] = factor
-        self.S, self.L = np.concatenate([self.S, idx]), L_new
-        self.lam = np.concatenate([self.lam, np.zeros(j)])
-        if len(self.D):
-            W = np.empty((n + j, len(self.D)), order="F")
-            W[:n] = self.W
-            W[n:] = lapack.dtrtrs(factor, cross.T @ self.W, lower=1)[0]
-            W[n:] *= -1.0
-            self.W = W
-            if not self._refactor_K():
-                self.compact()
-        return j
-
-
-_NO_POSITIONS = np.empty(0, dtype=np.intp)
-
-
-def _good_pivots(factor: np.ndarray, info: int, scale: np.ndarray, n: int) -> int:
-    """How many leading pivots of a (possibly failed, info > 0) Cholesky factor are safely positive:
-    the i-th pivot squared must exceed 64 eps (n + i + 1) times its diagonal entry of A, with n the
-    number of points already factored."""
-    k = factor.shape[0] if info <= 0 else info - 1
-    bad = ~(factor.diagonal()[:k] ** 2 > 64 * EPS * np.arange(n + 1, n + k + 1) * scale[:k])
-    return int(bad.argmax()) if bad.any() else k
