@@ -1,6 +1,7 @@
 """CelebA end to end on a generated miniature: `dist-mtl data celeba`, then training on the shards."""
 
 import json
+import tarfile
 from pathlib import Path
 
 from dist_mtl.cli import main
@@ -49,3 +50,28 @@ def test_malformed_annotation_names_file_and_line(tmp_path: Path, capsys) -> Non
     assert main(["data", "celeba", str(root), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "list_attr_celeba.txt:5" in err and not (tmp_path / "out").exists()
+
+
+def test_corrupt_source_image_is_a_clear_error_and_writes_nothing(tmp_path: Path, capsys) -> None:
+    root = make_celeba_miniature(tmp_path / "celeba", num_images=12, seed=3)
+    image = root / "Img" / "img_align_celeba" / "000011.jpg"  # a val image: copied, not re-encoded
+    image.write_bytes(image.read_bytes()[:200])
+    assert main(["data", "celeba", str(root), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"dist-mtl: error: {image}: not a readable image" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_on_a_cut_off_shard_names_the_shard_and_the_split(tmp_path: Path, capsys) -> None:
+    root = make_celeba_miniature(tmp_path / "celeba", num_images=40, seed=1)
+    shards = tmp_path / "shards"
+    assert main(["data", "celeba", str(root), str(shards), "--image-size", "16", "--shard-size", "8"]) == 0
+    shard = shards / "train-000002.tar"
+    with tarfile.open(shard) as tar:
+        fourth = [m for m in tar.getmembers() if m.name.endswith(".cls.npy")][3]
+    shard.write_bytes(shard.read_bytes()[: fourth.offset])  # cut off between samples: 3 of 8 remain
+    capsys.readouterr()
+    overrides = ["data.name=celeba", f"data.path={shards}", "data.image_size=16", "model.encoder=mlp"]
+    code = main(["train", f"run_dir={tmp_path / 'run'}", *overrides, "train.steps=1", "train.progress=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{shard}: holds 3 samples but" in err and "split 'train' expects 32 samples" in err
