@@ -209,9 +209,28 @@ class Corral:
         w[self.S] = self.lam
         return w
 
+    def dependent(self, idx: np.ndarray) -> np.ndarray:
+        """Mask of the tasks idx (none of them in the corral) that are affine combinations of the corral
+        to working precision: their own pivot A_ii - ||L^-1 A_Si||^2 fails the test of `good_pivots`.
+
+        Re-factors B \\ D first when points left as constraints (this runs only when no vertex could
+        enter, so the O(n^3) is off the fast path); all False if rounding breaks definiteness.
+        """
+        none = np.zeros(len(idx), dtype=bool)
+        if len(self.D) and not self.compact():
+            return none
+        L = self._factor()
+        if L is None:
+            return none
+        diag = self.Q[idx, idx] / self.scale + 1.0
+        cross = lapack.dtrtrs(L, self._gather(self.S, idx), lower=1, overwrite_b=1)[0]
+        pivots = diag - np.einsum("ij,ij->j", cross, cross)
+        return ~(pivots > 64 * EPS * (len(self.S) + 1) * diag)
+
     def admit(self, cand: np.ndarray) -> bool:
         """Bring improving vertices into the corral with weight 0: dropped ones back from D, new ones
         by extending B (the leading ones that keep L safely definite). False if none could enter."""
+        came_back = False
         if len(self.D):
             pos = np.full(self.Q.shape[0], -1, dtype=np.intp)
             pos[self.S] = np.arange(len(self.S))
@@ -222,12 +241,13 @@ class Corral:
                 self.D, self.W = self.D[keep], self.W[:, keep]
                 if not len(self.D):
                     self._clear()
-                elif not self._refactor_K():
-                    return self.compact() and self.admit(cand)
+                elif not self._refactor_K() and not self.compact():
+                    return False
+                came_back = True
                 cand = cand[pos[cand] < 0]
                 if not len(cand):
                     return True
-        if self.extend(cand):
+        if self.extend(cand) or came_back:  # one improving vertex more is progress enough
             return True
         return bool(len(self.D)) and self.compact() and self.extend(cand) > 0
 

@@ -15,7 +15,8 @@ x = (1 + 1^T A^-1 q_S) / (1^T A^-1 1) A^-1 1 - A^-1 q_S.
 
 This module is the algorithm as a reader expects it. What makes it fast and robust at large T lives
 beside it: `corral.py` keeps the factor of A current (batched extension, constraint-based drops, lazy
-refactor) and `large_t.py` holds the moves beyond the textbook (batched insertion, drops at once).
+refactor) and `large_t.py` holds the moves beyond the textbook (batched insertion, drops at once, and
+the pairwise exchange that finishes near-duplicate tasks).
 """
 
 from __future__ import annotations
