@@ -12,6 +12,7 @@ from dist_mtl.data.celeba_layout import (
 from dist_mtl.data.celeba_manifest import read_manifest
 from dist_mtl.data.celeba_miniature import make_celeba_miniature
 from dist_mtl.data.celeba_reader import iter_celeba_shards, load_celeba_split, replica_shards
+from dist_mtl.data.missing import DataFileNotFoundError
 from dist_mtl.data.multidigits import BINARY_TASK_NAMES
 from dist_mtl.data.registry import DATASET_NAMES, build_dataset, dataset_num_tasks, dataset_options
 
@@ -22,6 +23,7 @@ __all__ = [
     "DATASET_NAMES",
     "DEFAULT_SHARD_SIZE",
     "CelebAFormatError",
+    "DataFileNotFoundError",
     "MultiTaskDataset",
     "TaskSpec",
     "build_dataset",

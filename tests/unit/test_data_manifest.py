@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 
 from dist_mtl.data import (
+    DataFileNotFoundError,
     build_dataset,
     convert_celeba,
     iter_celeba_shards,
     make_celeba_miniature,
     read_manifest,
 )
-from dist_mtl.data.missing import DataFileNotFoundError
 from dist_mtl.errors import DataError
 
 
