@@ -15,10 +15,17 @@ with g~_i = beta_i g_i (beta: MGDA weights), g~_w = sum_i w_i g~_i and g0 = (1/T
 4. c_i = (1/T + (k / ||g~_w||) w_i beta_i) / (1 - eps ||g0||), so d = G c.
 
 Edge cases, each counted in the diagnostics: ||g~_w|| = 0 (the optimal w sits on tasks with beta_i = 0)
-gives d = g0 / (1 - eps ||g0||); 1 - eps ||g0|| <= 0 would flip the direction, so the scale factor is
-dropped (the constraint set is then no longer a ball and the derivation does not hold). eps -> 0 gives
-the mean gradient. The authors' released code differs from the paper (softmax of w times MGDA scales,
-another objective); the paper is what is implemented here.
+gives d = g0 / (1 - eps ||g0||). eps -> 0 gives the mean gradient. The authors' released code differs
+from the paper (softmax of w times MGDA scales, another objective); the paper is what is implemented.
+
+The factor 1 / (1 - eps ||g0||) has a pole at eps ||g0|| = 1: ||d|| / ||g0|| reaches 19, 198, 1986 at
+eps ||g0|| = 0.9, 0.99, 0.999 and changes sign past 1. The formula is kept, with the factor capped at
+`max_scale` (default DEFAULT_MAX_SCALE = 10); a capped step sets info `getmtl_capped` = 1. Past the
+pole (1 - eps ||g0|| <= 0, also counted as `degenerate_no_scale`) the factor is the cap too, not 1:
+the constraint ||d - g0||^2 <= eps ||g0|| ||d||^2 then holds for d = t g0 at every t >= 1, so the
+maximin is unbounded and asks for the longest step allowed; the cap is that step, and it makes ||d||
+a continuous, non-decreasing function of eps ||g0|| instead of dropping 10x (from the cap to 1) when
+eps ||g0|| crosses 1. The factor is positive in every branch, so d never flips.
 
 Step 3 is solved to a stated tolerance: the positive factor 1/(1 - eps ||g0||) does not move the argmin,
 and the minimiser of F(w) = a^T w + k ||G~ w|| also minimises the quadratic 1/2 w^T M~ w + rho a^T w at
@@ -46,6 +53,10 @@ from dist_mtl.balancers.solver import (
 )
 
 DEFAULT_EPS = 0.025  # one of the two values the paper found best (Fig. 8: 0.0075 and 0.025)
+# Cap on 1 / (1 - eps ||g0||): ||d|| stays within 10x of the uncapped direction's norm (about 10x the
+# mean gradient's scale). At the paper's eps = 0.025 the factor is 1.026 for ||g0|| = 1 and 1.33 for
+# ||g0|| = 10; it reaches 10 only at eps ||g0|| = 0.9 (||g0|| = 36), so the cap binds only near the pole.
+DEFAULT_MAX_SCALE = 10.0
 STEP3_TOL = 1e-8  # duality gap of J, relative to its scale on the simplex, counted as converged
 _BRACKET_FACTOR = 16.0
 _BRACKET_STEPS = 40  # rho down to 16^-40 of its upper bound at most
@@ -117,11 +128,13 @@ def _duality_gap(Mt: np.ndarray, a: np.ndarray, k: float, w: np.ndarray, rho: fl
 
 @dataclass(frozen=True)
 class GetMTL(Balancer):
-    """The four steps in the module doc; `tol` and `max_iter` go to every min-norm / QP solve."""
+    """The four steps in the module doc; `tol` and `max_iter` go to every min-norm / QP solve, and
+    `max_scale` (> 1) caps the factor 1 / (1 - eps ||g0||)."""
 
     eps: float = DEFAULT_EPS
     tol: float = DEFAULT_TOL
     max_iter: int = DEFAULT_MAX_ITER
+    max_scale: float = DEFAULT_MAX_SCALE
 
     name = "getmtl"
 
@@ -129,6 +142,9 @@ class GetMTL(Balancer):
         eps = self.eps
         if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0.0 < eps <= 1.0:
             raise ValueError(f"balancer.eps must be in (0, 1]; got {eps!r}")
+        cap = self.max_scale
+        if isinstance(cap, bool) or not isinstance(cap, int | float) or not 1.0 < cap < math.inf:
+            raise ValueError(f"balancer.max_scale must be a finite number > 1; got {cap!r}")
         check_solver_options(self.tol, self.max_iter, prefix="balancer.")
 
     def weights(self, M: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, dict[str, float]]:
@@ -142,9 +158,8 @@ class GetMTL(Balancer):
         row_sums = M.sum(axis=1)
         g0_unit = math.sqrt(max(float(row_sums.sum()), 0.0)) / T  # ||g0|| / sigma
         k = math.sqrt(self.eps * sigma) * g0_unit**1.5  # k / sigma
-        scale = 1.0 - self.eps * sigma * g0_unit
         info = solver_info("solver", mgda.iterations, mgda.gap, mgda.converged)
-        info |= {"getmtl_g0_norm": sigma * g0_unit, "degenerate_zero_gw": 0.0, "degenerate_no_scale": 0.0}
+        info |= {"getmtl_g0_norm": sigma * g0_unit, "degenerate_zero_gw": 0.0}
         coefficients = uniform_weights(T)
         if k > 0.0:
             scaled = np.outer(beta, beta) * M
@@ -156,8 +171,21 @@ class GetMTL(Balancer):
             else:
                 gw_norm = math.sqrt(float(trade.w @ scaled @ trade.w))
                 coefficients = coefficients + (k / gw_norm) * trade.w * beta
-        if scale <= EPS:  # zero or negative up to rounding: dividing would blow up or flip d
-            info["degenerate_no_scale"] = 1.0
-        else:
-            coefficients = coefficients / scale
-        return coefficients, info
+        factor, capped, no_scale = scale_factor(self.eps * sigma * g0_unit, self.max_scale)
+        info |= {"getmtl_factor": factor, "getmtl_capped": float(capped)}
+        info["degenerate_no_scale"] = float(no_scale)
+        return coefficients * factor, info
+
+
+def scale_factor(eps_g0: float, max_scale: float) -> tuple[float, bool, bool]:
+    """(min(1 / (1 - eps ||g0||), max_scale), whether the cap binds, whether 1 - eps ||g0|| <= 0).
+
+    Past the pole the factor is the cap (see the module doc). 1 - eps ||g0|| within rounding of 0
+    counts as past it.
+    """
+    margin = 1.0 - eps_g0
+    if margin <= EPS:
+        return max_scale, True, True
+    if margin * max_scale < 1.0:
+        return max_scale, True, False
+    return 1.0 / margin, False, False

@@ -54,7 +54,7 @@ def test_uniform_is_one_over_t() -> None:
 def test_names_and_options() -> None:
     assert BALANCER_NAMES == ("uniform", "mgda", "getmtl", "mamg")
     assert balancer_options("mgda") == ("normalization", "apply", "tol", "max_iter")
-    assert balancer_options("getmtl") == ("eps", "tol", "max_iter")
+    assert balancer_options("getmtl") == ("eps", "tol", "max_iter", "max_scale")
     assert balancer_options("mamg") == ("seed",)
     assert balancer_options("uniform") == ()
 
@@ -72,6 +72,7 @@ def test_names_and_options() -> None:
         ("mgda", {"eps": 0.1}, "balancer 'mgda' does not take option(s) eps; valid options: normalization"),
         ("uniform", {"seed": 1}, "balancer 'uniform' does not take option(s) seed; valid options: (none)"),
         ("getmtl", {"eps": 2.0}, "balancer.eps must be in (0, 1]; got 2.0"),
+        ("getmtl", {"max_scale": 1.0}, "balancer.max_scale must be a finite number > 1; got 1.0"),
         ("getmtl", {"max_iter": 1.5}, "balancer.max_iter must be an integer >= 1; got 1.5"),
         ("mamg", {"seed": "a"}, "balancer.seed must be an integer >= 0; got 'a'"),
     ],

@@ -14,7 +14,8 @@ import torch
 from scipy.optimize import minimize
 
 from dist_mtl.balancers import GetMTL, build_balancer
-from dist_mtl.balancers.getmtl import STEP3_TOL, solve_trade_off
+from dist_mtl.balancers.getmtl import DEFAULT_MAX_SCALE, STEP3_TOL, solve_trade_off
+from dist_mtl.balancers.solver import solve_min_norm
 
 
 def explicit_mgda_weights(G: np.ndarray) -> np.ndarray:
@@ -122,9 +123,51 @@ def test_no_scale_edge_case_never_flips_the_direction() -> None:
     out = GetMTL(eps=eps)(G.T @ G)
     c = out.coefficients.numpy()
     assert out.info["degenerate_no_scale"] == 1.0 and out.info["degenerate_zero_gw"] == 0.0
-    # Without the (negative) factor every coefficient is 1/T plus a non-negative term.
-    assert c.min() >= 1.0 / T - 1e-15 and c.max() > 1.0 / T
+    assert out.info["getmtl_capped"] == 1.0 and out.info["getmtl_factor"] == DEFAULT_MAX_SCALE
+    # The (negative) factor is replaced by the cap: every coefficient is max_scale (1/T + a term >= 0).
+    assert c.min() >= DEFAULT_MAX_SCALE / T - 1e-15 and c.max() > DEFAULT_MAX_SCALE / T
     assert (G @ c) @ G.mean(axis=1) > 0.0
+
+
+def unscaled_direction(G: np.ndarray, eps: float) -> np.ndarray:
+    """g0 + (k / ||g~_w||) g~_w on the explicit vectors: GetMTL's d without 1 / (1 - eps ||g0||)."""
+    beta, _ = solve_min_norm(G.T @ G)
+    g0, Gt = G.mean(axis=1), G * beta
+    k = math.sqrt(eps) * np.linalg.norm(g0) ** 1.5
+    w = solve_trade_off(Gt.T @ Gt, Gt.T @ g0, k, 1e-12, 10_000).w
+    gw = Gt @ w
+    return g0 + (k / np.linalg.norm(gw)) * gw
+
+
+@pytest.mark.parametrize("max_scale", [DEFAULT_MAX_SCALE, 20.0])
+@pytest.mark.parametrize("eps_g0", [0.5, 0.9, 0.99, 0.999, 1.0, 1.5])
+def test_scale_factor_is_capped_near_and_past_the_pole(max_scale: float, eps_g0: float) -> None:
+    """Uncapped, ||d|| / ||g0|| reached 19, 198, 1986 at eps ||g0|| = 0.9, 0.99, 0.999."""
+    G, eps = small_problems(1)[0]
+    G = G * eps_g0 / (eps * np.linalg.norm(G.mean(axis=1)))
+    g0 = G.mean(axis=1)
+    d_free = unscaled_direction(G, eps)
+    out = GetMTL(eps=eps, max_scale=max_scale)(G.T @ G)
+    d = G @ out.coefficients.numpy()
+    ratio = np.linalg.norm(d) / np.linalg.norm(g0)
+    assert np.isfinite(ratio)
+    assert ratio <= max_scale * np.linalg.norm(d_free) / np.linalg.norm(g0) * (1 + 1e-9)
+    assert d @ d_free / (np.linalg.norm(d) * np.linalg.norm(d_free)) > 1 - 1e-9  # never flips
+    uncapped = 1.0 / (1.0 - eps_g0) if eps_g0 < 1.0 else math.inf
+    expected = min(uncapped, max_scale)
+    np.testing.assert_allclose(d, expected * d_free, rtol=1e-7, atol=1e-7 * np.linalg.norm(d))
+    if not math.isclose(uncapped, max_scale, rel_tol=1e-9):  # a tie binds either way, with the same d
+        assert out.info["getmtl_capped"] == float(uncapped > max_scale)
+    assert out.info["getmtl_factor"] == pytest.approx(expected, rel=1e-9)
+    if eps_g0 > 1.0:
+        assert out.info["degenerate_no_scale"] == 1.0
+
+
+def test_max_scale_must_be_finite_and_above_one() -> None:
+    for bad in (1.0, 0.5, -2.0, math.inf, math.nan, True, "10"):
+        with pytest.raises(ValueError, match="balancer.max_scale must be a finite number > 1"):
+            GetMTL(max_scale=bad)
+    assert build_balancer("getmtl", max_scale=2).max_scale == 2
 
 
 @pytest.mark.parametrize(
