@@ -53,7 +53,7 @@ def gramian_diagnostics(gramian: np.ndarray, coefficients: np.ndarray) -> dict[s
 
 
 def solve_on_host(balancer: Balancer, gramian: torch.Tensor, losses: torch.Tensor) -> Solution:
-    """Move (M, losses) to the CPU in one copy, check them, run the balancer."""
+    """Move (M, losses) to the CPU in one copy, check them, run the balancer and advance its state."""
     t = losses.numel()
     packed = torch.cat([gramian.detach().reshape(-1), losses.detach().reshape(-1).to(gramian.dtype)])
     host = packed.to("cpu", torch.float64)
@@ -63,6 +63,7 @@ def solve_on_host(balancer: Balancer, gramian: torch.Tensor, losses: torch.Tenso
     start = time.perf_counter()
     out = balancer(m_host, l_host)
     seconds = time.perf_counter() - start
+    balancer.advance()  # only adopted steps move the balancer's state (MAMG's orders); skipped ones do not
     coefficients = out.coefficients.to(torch.float64)
     info = {f"solver/{k.removeprefix('solver_')}": float(v) for k, v in out.info.items()}
     info["solver/seconds"] = seconds

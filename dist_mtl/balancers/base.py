@@ -44,6 +44,14 @@ class Balancer(ABC):
     def weights(self, M: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, dict[str, float]]:
         """Coefficients c for a symmetric, finite float64 Gramian M (and losses if `needs_losses`)."""
 
+    def advance(self) -> None:  # noqa: B027 (a deliberate no-op default, not an abstract method)
+        """Called once after each successful (not skipped) step; stateless balancers do nothing.
+
+        `__call__` never changes the balancer (the same input gives the same output however often it
+        is called), so state that moves from step to step (MAMG's random orders) moves here, when the
+        caller has adopted the step's coefficients.
+        """
+
     def state_dict(self) -> dict[str, Any]:
         """State to checkpoint; stateless balancers have none."""
         return {}

@@ -16,7 +16,8 @@ The T sequences are independent, so they run in lockstep: at position r every ta
 r-th partner, and all clips of that round are one vectorised update. A clip costs O(T) (one row of M),
 so the method is O(T^3) in the worst case: T = 1000 with ~40% conflicting pairs (~4e5 clips) takes
 about a second. The orders are a pure function of (seed, step): identical on every rank and
-restorable from a checkpoint.
+restorable from a checkpoint. A call reads `step` and never changes it; the caller advances it once
+per adopted step (`Balancer.advance`, called by `solve.solve_on_host`).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def clip_coefficients(M: np.ndarray, orders: np.ndarray) -> tuple[np.ndarray, in
 
 @dataclass
 class MAMG(Balancer):
-    """Mean of the clipped gradients; each call uses the orders for (seed, step) and then advances step."""
+    """Mean of the clipped gradients with the orders for (seed, step); `advance` moves to the next step."""
 
     seed: int = 0
     step: int = field(default=0, init=False)
@@ -92,8 +93,11 @@ class MAMG(Balancer):
 
     def weights(self, M: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, dict[str, float]]:
         B, clips, conflicts = clip_coefficients(M, task_orders(M.shape[0], self.seed, self.step))
-        self.step += 1
         return B.mean(axis=0), {"mamg_clips": float(clips), "mamg_conflicts": float(conflicts)}
+
+    def advance(self) -> None:
+        """The next step draws new orders; skipped steps do not advance (their call is discarded)."""
+        self.step += 1
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "step": self.step}

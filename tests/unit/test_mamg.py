@@ -6,6 +6,7 @@ import torch
 
 from dist_mtl.balancers import MAMG, build_balancer
 from dist_mtl.balancers.mamg import clip_coefficients, task_orders
+from dist_mtl.solve import solve_on_host
 
 
 def conflicting_gradients(seed: int, T: int, P: int = 15) -> np.ndarray:
@@ -70,13 +71,39 @@ def test_without_conflicts_it_is_the_average() -> None:
 def test_same_seed_same_result_and_state_restores_the_sequence() -> None:
     M = torch.tensor(conflicting_gradients(5, 12).T @ conflicting_gradients(5, 12))
     a, b = MAMG(seed=7), build_balancer("mamg", seed=7)
-    first = [a(M).coefficients for _ in range(3)]
-    assert all(torch.equal(x, b(M).coefficients) for x in first)
+    first = []
+    for _ in range(3):
+        first.append(a(M).coefficients)
+        a.advance()
+    for expected in first:
+        assert torch.equal(b(M).coefficients, expected)
+        b.advance()
     assert not torch.equal(first[0], first[1])  # a new random order every step
     resumed = MAMG(seed=0)
     resumed.load_state_dict({"seed": 7, "step": 2})
     assert torch.equal(resumed(M).coefficients, first[2])
     assert a.state_dict() == {"seed": 7, "step": 3}
+
+
+def test_a_call_is_pure_and_only_advance_moves_the_order() -> None:
+    """Calling twice on the same M gives the same coefficients and leaves the state alone."""
+    M = torch.tensor(conflicting_gradients(6, 12).T @ conflicting_gradients(6, 12))
+    balancer = MAMG(seed=3)
+    once, twice = balancer(M), balancer(M)
+    assert torch.equal(once.coefficients, twice.coefficients) and once.info == twice.info
+    assert balancer.state_dict() == {"seed": 3, "step": 0}
+    balancer.advance()
+    assert balancer.state_dict() == {"seed": 3, "step": 1}
+    assert not torch.equal(balancer(M).coefficients, once.coefficients)
+
+
+def test_solve_on_host_advances_only_adopted_steps() -> None:
+    M = torch.tensor(conflicting_gradients(7, 6).T @ conflicting_gradients(7, 6))
+    balancer = MAMG(seed=1)
+    solve_on_host(balancer, M, torch.ones(6))
+    assert balancer.step == 1
+    solve_on_host(balancer, M, torch.full((6,), float("nan")))  # skipped: the balancer is not called
+    assert balancer.step == 1
 
 
 def test_orders_are_permutations_of_the_other_tasks() -> None:
