@@ -4,35 +4,252 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import IO
 
 from dist_mtl.config import load_config, split_config_and_overrides
 from dist_mtl.errors import UserError
-from dist_mtl.train import run
+from dist_mtl.train import check_layout, preflight, run
+
+TRAIN_DESCRIPTION = """\
+Train. CONFIG is a YAML file (e.g. configs/multidigits_mgda.yaml), then section.key=value
+overrides (values parse as YAML: model.hidden=[256,128]); options may come anywhere.
+Without CONFIG the defaults apply: the settings of configs/multidigits_mgda.yaml.
+Every config key, what it does and its valid values: README.md, section "Configuration", and
+dist_mtl/config.py (a comment on every field).
+"""
+
+TRAIN_EPILOG = """\
+With --nproc N > 1 the config and the D x K layout are checked here, then torchrun starts N local
+ranks. SIGTERM or Ctrl-C stops torchrun and every rank; when a rank fails, its error line is
+printed last.
+"""
+
+# torchrun's grace period between its SIGTERM to the ranks and its SIGKILL; ours comes a bit later.
+SHUTDOWN_TIMEOUT_S = 10
+KILL_AFTER_S = SHUTDOWN_TIMEOUT_S + 5
+# How often torchrun polls its ranks. After one fails the others get this long to report what they
+# saw (the collective, the step) before torchrun stops them; 0.1 s (torchrun's default) cuts them off.
+MONITOR_INTERVAL_S = 1.0
+_RANK_ERROR = re.compile(r"dist_mtl\.train: rank \d+: error: .*")
+_ROOT_CAUSE = re.compile(r"rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type for --nproc: an integer >= 1 (0 or less would start no rank at all)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {value}")
+    return value
+
+
+def torchrun_command(
+    nproc: int, args: Sequence[str], *, resume: bool, overwrite: bool, log_dir: str
+) -> list[str]:
+    """torchrun running `python -m dist_mtl.train` on `nproc` local ranks with the same arguments."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        f"--log-dir={log_dir}",  # else torchrun leaves a torchelastic_* directory in TMPDIR
+        f"--monitor-interval={MONITOR_INTERVAL_S}",
+        f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}",
+        "-m",
+        "dist_mtl.train",
+        *args,
+        *(["--resume"] if resume else []),
+        *(["--overwrite"] if overwrite else []),
+    ]
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process below `root` (Linux /proc; empty elsewhere). torchrun starts each rank in a
+    session of its own, so the ranks are not in torchrun's process group and must be found here."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        children.setdefault(int(stat.rpartition(")")[2].split()[1]), []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running and not a zombie (an orphaned rank may stay a zombie where PID 1 does not reap)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+    except IndexError:
+        return True
+
+
+def _kill(pid: int, signum: int, *, group: bool = False) -> None:
+    with suppress(ProcessLookupError, PermissionError):
+        (os.killpg if group else os.kill)(pid, signum)
+
+
+class _Relay(threading.Thread):
+    """Copies one of torchrun's pipes to ours as bytes arrive (progress bars intact) and keeps the
+    ranks' error lines and the end of the text, to report a failure last."""
+
+    def __init__(self, source: IO[bytes], sink: IO[bytes]) -> None:
+        super().__init__(daemon=True)
+        self.source, self.sink = source, sink
+        self.errors: list[str] = []
+        self.tail = ""
+        self._partial = b""
+
+    def run(self) -> None:
+        fd = self.source.fileno()
+        while chunk := os.read(fd, 65536):
+            self.sink.write(chunk)
+            self.sink.flush()
+            self._scan(chunk)
+
+    def _scan(self, chunk: bytes) -> None:
+        *lines, self._partial = re.split(rb"[\r\n]", self._partial + chunk)
+        for raw in lines:
+            line = raw.decode(errors="replace")
+            found = _RANK_ERROR.search(line)
+            if found and found.group(0) not in self.errors:
+                self.errors.append(found.group(0))
+        self.tail = (self.tail + chunk.decode(errors="replace"))[-20000:]
+
+
+class _Supervisor:
+    """Waits for torchrun; on SIGTERM / SIGINT forwards the signal to it, and after KILL_AFTER_S (or
+    a second signal) SIGKILLs torchrun's group and every rank, so no rank outlives the command."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.signum: int | None = None
+        self.deadline = float("inf")
+        self.ranks: set[int] = set()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.ranks |= set(_descendants(self.proc.pid))
+        if self.signum is not None:  # a second Ctrl-C: stop now
+            self.deadline = 0.0
+            return
+        self.signum, self.deadline = signum, time.monotonic() + KILL_AFTER_S
+        _kill(self.proc.pid, signum, group=True)
+
+    @contextmanager
+    def handling_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _kill_all(self) -> None:
+        self.ranks |= set(_descendants(self.proc.pid))
+        _kill(self.proc.pid, signal.SIGKILL, group=True)
+        for pid in self.ranks:
+            _kill(pid, signal.SIGKILL)
+
+    def wait(self) -> int:
+        while True:
+            try:
+                code = self.proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() > self.deadline:
+                    self._kill_all()
+        if self.signum is not None:  # torchrun is gone; its ranks must follow within the bound
+            while any(_alive(p) for p in self.ranks) and time.monotonic() < self.deadline:
+                time.sleep(0.1)
+            self._kill_all()
+        return code
+
+
+def _report_failure(stderr: _Relay) -> None:
+    """Print what failed as the last line: the ranks' own error lines, else torchrun's root cause."""
+    if stderr.errors:
+        for line in stderr.errors:
+            print(line, file=sys.stderr, flush=True)
+        return
+    cause = _ROOT_CAUSE.search(stderr.tail)
+    if cause:
+        rank, code = cause.groups()
+        print(
+            f"dist-mtl: error: rank {rank} exited with code {code} (torchrun's first observed failure); "
+            "its output is above",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def run_torchrun(nproc: int, args: Sequence[str], *, resume: bool = False, overwrite: bool = False) -> int:
+    """Run `nproc` ranks under torchrun in its own session, relay their output, stop them on a signal.
+
+    torchrun gets a private log directory, removed afterwards. Returns torchrun's exit code, or
+    128 + the signal number when stopped by a signal.
+    """
+    log_dir = tempfile.mkdtemp(prefix="dist-mtl-torchrun-")
+    cmd = torchrun_command(nproc, args, resume=resume, overwrite=overwrite, log_dir=log_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    try:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        relays = [_Relay(proc.stdout, sys.stdout.buffer), _Relay(proc.stderr, sys.stderr.buffer)]
+        for relay in relays:
+            relay.start()
+        supervisor = _Supervisor(proc)
+        with supervisor.handling_signals():
+            code = supervisor.wait()
+        for relay in relays:
+            relay.join(timeout=5)
+    finally:
+        shutil.rmtree(log_dir, ignore_errors=True)
+    if supervisor.signum is not None:
+        name = signal.Signals(supervisor.signum).name
+        print(f"dist-mtl: stopped by {name}: torchrun and every rank have exited", file=sys.stderr)
+        return 128 + supervisor.signum
+    if code != 0:
+        _report_failure(relays[1])
+    return code
 
 
 def _train(ns: argparse.Namespace) -> int:
     config, overrides = split_config_and_overrides(ns.args)
-    if ns.nproc > 1:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={ns.nproc}",
-            "-m",
-            "dist_mtl.train",
-            *([config] if config else []),
-            *overrides,
-            *(["--resume"] if ns.resume else []),
-        ]
-        return subprocess.call(
-            cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        )
     cfg = load_config(config, overrides)
-    return run(cfg, resume=ns.resume)
+    if ns.nproc == 1:
+        return run(cfg, resume=ns.resume, overwrite=ns.overwrite)
+    check_layout(cfg, ns.nproc)
+    preflight(cfg)
+    args = [*([config] if config else []), *overrides]
+    return run_torchrun(ns.nproc, args, resume=ns.resume, overwrite=ns.overwrite)
 
 
 def _profile(ns: argparse.Namespace) -> int:
@@ -50,15 +267,31 @@ def _data_celeba(ns: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("args", nargs="*", metavar="CONFIG|OVERRIDE")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the run that RUN_DIR already holds (else an error)"
+    )
+    p.add_argument(
+        "--nproc", type=_positive_int, default=1, help="launch this many local ranks with torchrun (>= 1)"
+    )
+    p.set_defaults(func=_train)
+
+
+def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The `dist-mtl` parser and its `train` sub-parser (parsed on its own: see `parse_args`)."""
     parser = argparse.ArgumentParser(prog="dist-mtl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train; CONFIG is a YAML file, then section.key=value overrides")
-    p.add_argument("args", nargs="*", metavar="CONFIG|OVERRIDE")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
-    p.add_argument("--nproc", type=int, default=1, help="launch this many local ranks with torchrun")
-    p.set_defaults(func=_train)
+    train = sub.add_parser(
+        "train",
+        help="train; CONFIG is a YAML file, then section.key=value overrides",
+        description=TRAIN_DESCRIPTION,
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_train_arguments(train)
 
     p = sub.add_parser("profile", help="per-phase p50/p95 times, shares and bytes of a run")
     p.add_argument("run_dir")
@@ -73,11 +306,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--image-size", type=int, default=None, help="resize to this square size (default: keep)")
     c.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
     c.set_defaults(func=_data_celeba)
-    return parser
+    return parser, train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return build_parsers()[0]
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """`train` options and overrides may come in any order (`CONFIG --nproc 2 key=value --resume`).
+
+    argparse's intermixed parsing does not support sub-parsers, so `train` is parsed on its own.
+    """
+    parser, train = build_parsers()
+    if argv and argv[0] == "train":
+        ns = train.parse_intermixed_args(argv[1:])
+        ns.command = "train"
+        return ns
+    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    ns = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         return ns.func(ns)
     except (UserError, FileNotFoundError) as exc:  # a missing input file is the user's error too

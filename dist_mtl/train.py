@@ -2,8 +2,9 @@
 
 With WORLD_SIZE > 1 (set by torchrun or submitit) this rank joins the task-parallel engine; otherwise
 it is the single-process trainer, with no collectives at all. Every check that can reject the run
-(config, layout, data) runs before a process group exists, so bad input fails with the field's name
-instead of as a collective error on another rank.
+runs as early as it can: config, device and run directory before any data is built, the layout
+before any data is built or process group exists, the batch against the built training split before
+training, so bad input fails with the field's name instead of as a collective error on another rank.
 """
 
 from __future__ import annotations
@@ -11,43 +12,99 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from dist_mtl.build import build_datasets, resolve_device
-from dist_mtl.config import RunConfig, load_config, split_config_and_overrides
-from dist_mtl.engine import Engine, process_group, resolve_layout
+from dist_mtl.config import RunConfig, check_batch_fits, load_config, split_config_and_overrides
+from dist_mtl.data import MultiTaskDataset, dataset_num_tasks
+from dist_mtl.engine import Engine, Layout, process_group, resolve_layout
 from dist_mtl.engine.checksum import ReplicaDivergenceError
 from dist_mtl.engine.comm import CollectiveError
-from dist_mtl.errors import UserError
+from dist_mtl.errors import RunDirError, UserError
 from dist_mtl.trainer import format_summary, train
 
+Datasets = tuple[MultiTaskDataset, MultiTaskDataset]
 
-def run(cfg: RunConfig, *, resume: bool = False) -> int:
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_run_dir(run_dir: str) -> None:
+    """Fail now, not after the data is built, when run_dir could not be created or written.
+
+    Writes and removes a probe file in run_dir or its nearest existing parent (the only test that
+    also holds for root and read-only mounts) and creates nothing, so a rejected run leaves no trace.
+    """
+    existing = _nearest_existing(Path(run_dir).absolute())
+    if not existing.is_dir():
+        raise RunDirError(f"run_dir {run_dir} cannot be created: {existing} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        where = "" if existing == Path(run_dir).absolute() else f" (nearest existing parent: {existing})"
+        raise RunDirError(f"run_dir {run_dir} is not writable: {exc.strerror or exc}{where}") from None
+
+
+def preflight(cfg: RunConfig) -> torch.device:
+    """The checks that need neither data nor another process: device and run directory."""
+    device = resolve_device(cfg.train.device)
+    check_run_dir(cfg.run_dir)
+    return device
+
+
+def num_tasks(cfg: RunConfig) -> int:
+    """T as the configured data set would give it, without building the data."""
+    d = cfg.data
+    return dataset_num_tasks(d.name, tasks=d.tasks, num_tasks=d.num_tasks, path=d.path)
+
+
+def check_layout(cfg: RunConfig, world_size: int) -> Layout:
+    """The D x K layout for `world_size` ranks, checked before any data or process exists."""
+    return resolve_layout(cfg, world_size, num_tasks(cfg))
+
+
+def build_checked_datasets(cfg: RunConfig) -> Datasets:
+    """The splits, and the batch checked against the training split's real size (celeba's is
+    known only now; config-sized splits were checked at load)."""
+    datasets = build_datasets(cfg)
+    check_batch_fits(cfg, len(datasets[0]), source="as built")
+    return datasets
+
+
+def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> int:
     """Train as this process; returns the exit code (0; 1 for a failed collective). Raises UserError."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return run_distributed(cfg, resume=resume)
-    summary = train(cfg, resume=resume)
+        return run_distributed(cfg, resume=resume, overwrite=overwrite)
+    num_tasks(cfg)  # the task options, checked without building the data
+    preflight(cfg)
+    summary = train(cfg, resume=resume, overwrite=overwrite, datasets=build_checked_datasets(cfg))
     print(format_summary(summary))
     print(f"run directory: {cfg.run_dir}")
     return 0
 
 
-def run_distributed(cfg: RunConfig, *, resume: bool = False) -> int:
-    """One rank of a D x K layout: checks first, then the process group, the engine and the trainer."""
+def run_distributed(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> int:
+    """One rank of a D x K layout: checks first, then the data, the process group, engine and trainer."""
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ["WORLD_SIZE"])
-    device = resolve_device(cfg.train.device)
-    datasets = build_datasets(cfg)
-    layout = resolve_layout(cfg, world_size, len(datasets[0].tasks))
+    layout = check_layout(cfg, world_size)
+    device = preflight(cfg)
+    datasets = build_checked_datasets(cfg)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     try:
         with process_group(layout, device, cfg.engine.timeout_s) as mesh:
             engine = Engine(cfg, layout, mesh, device)
-            summary = train(cfg, resume=resume, backend=engine, datasets=datasets)
+            summary = train(cfg, resume=resume, overwrite=overwrite, backend=engine, datasets=datasets)
     except (CollectiveError, ReplicaDivergenceError) as exc:
         print(f"dist_mtl.train: rank {rank}: error: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -60,14 +117,23 @@ def run_distributed(cfg: RunConfig, *, resume: bool = False) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dist_mtl.train")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dist_mtl.train",
+        description="Train one process (or one rank under torchrun / submitit). CONFIG is a YAML file, "
+        "then section.key=value overrides; options may come anywhere.",
+    )
     parser.add_argument("args", nargs="*", metavar="CONFIG|OVERRIDE")
-    parser.add_argument("--resume", action="store_true")
-    ns = parser.parse_args(argv)
+    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run that RUN_DIR already holds")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_intermixed_args(argv)
     try:
         config, overrides = split_config_and_overrides(ns.args)
-        return run(load_config(config, overrides), resume=ns.resume)
+        return run(load_config(config, overrides), resume=ns.resume, overwrite=ns.overwrite)
     except (UserError, FileNotFoundError) as exc:  # a missing input file is the user's error too
         rank = os.environ.get("RANK")
         where = f"rank {rank}: " if rank is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
