@@ -4,44 +4,63 @@
     python launch/submit.py configs/multidigits_mgda.yaml --executor local      # no SLURM needed
 
 Each SLURM task is one rank (tasks_per_node = gpus_per_node); submitit exports MASTER_ADDR, RANK,
-WORLD_SIZE and LOCAL_RANK and the run goes through the same `dist_mtl.train.run` as torchrun. The
-job is checkpointable: on preemption or timeout it is requeued with `--resume`, and continues from
+WORLD_SIZE and LOCAL_RANK and every rank runs `python -m dist_mtl.train`'s `main`, as under torchrun.
+The config and the layout are checked here, before anything is submitted (one line, exit 2).
+Unless --no-wait, the command waits for the job, then prints the run summary, or the failing
+rank's error line. submitit's logs go to RUN_DIR/submitit (file names carry the job id). The job
+is checkpointable: on preemption or timeout it is requeued with `--resume` and continues from
 RUN_DIR/checkpoints/last.pt (set train.checkpoint_every so little work is lost).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import submitit
 
-from dist_mtl.config import load_config, split_config_and_overrides
+from dist_mtl.config import RunConfig, load_config, split_config_and_overrides
+from dist_mtl.errors import ConfigError, UserError
+
+_RANK_ERROR = re.compile(r"dist_mtl\.train: (?:rank \d+: )?error: .*")
+
+
+def _train_argv(config: str | None, overrides: list[str], resume: bool, overwrite: bool) -> list[str]:
+    """The arguments of `python -m dist_mtl.train` for this job."""
+    flags = ["--resume"] * resume + ["--overwrite"] * overwrite
+    return [*([config] if config else []), *overrides, *flags]
 
 
 class TrainJob(submitit.helpers.Checkpointable):
     """A picklable training job that resumes from its last checkpoint when requeued."""
 
-    def __call__(self, config: str | None, overrides: list[str], resume: bool = False) -> int:
-        from dist_mtl.train import run
+    def __call__(
+        self, config: str | None, overrides: list[str], resume: bool = False, overwrite: bool = False
+    ) -> int:
+        from dist_mtl.train import main
 
-        env = submitit.JobEnvironment()
-        if env.num_tasks > 1:
+        if submitit.JobEnvironment().num_tasks > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        cfg = load_config(config, overrides)
-        return run(cfg, resume=resume)
+        return main(_train_argv(config, overrides, resume, overwrite))
 
-    def checkpoint(self, config: str | None, overrides: list[str], resume: bool = False):
+    def checkpoint(
+        self, config: str | None, overrides: list[str], resume: bool = False, overwrite: bool = False
+    ) -> submitit.helpers.DelayedSubmission:
+        """Requeue: resume from the checkpoint, or (none written yet) restart this run from scratch."""
         cfg = load_config(config, overrides)
         has_checkpoint = (Path(cfg.run_dir) / "checkpoints" / "last.pt").is_file()
-        return submitit.helpers.DelayedSubmission(TrainJob(), config, overrides, has_checkpoint)
+        return submitit.helpers.DelayedSubmission(
+            TrainJob(), config, overrides, has_checkpoint, not has_checkpoint
+        )
 
 
-def build_executor(ns: argparse.Namespace) -> submitit.Executor:
+def build_executor(ns: argparse.Namespace, folder: Path) -> submitit.Executor:
     cluster = None if ns.executor == "slurm" else ns.executor
-    executor = submitit.AutoExecutor(folder=ns.folder, cluster=cluster)
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     params: dict[str, object] = {"timeout_min": ns.timeout_min, "name": ns.name}
     if ns.executor != "debug":
         params |= {
@@ -58,13 +77,52 @@ def build_executor(ns: argparse.Namespace) -> submitit.Executor:
     return executor
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def log_folder(ns: argparse.Namespace, cfg: RunConfig) -> Path:
+    """RUN_DIR/submitit unless --folder; the local executors create the folder literally, so no %j."""
+    folder = Path(ns.folder) if ns.folder else Path(cfg.run_dir) / "submitit"
+    if ns.executor != "slurm" and "%" in str(folder):
+        raise ConfigError(
+            f"--folder {folder}: the {ns.executor} executor does not expand %j and the like; submitit "
+            "already puts the job id in every log file name, so give a plain directory"
+        )
+    return folder
+
+
+def check_before_submission(cfg: RunConfig, world_size: int) -> None:
+    """Reject a bad layout here rather than on the cluster (the config itself is checked at load)."""
+    if world_size > 1:
+        from dist_mtl.train import check_layout
+
+        check_layout(cfg, world_size)
+
+
+def report(job: submitit.Job, cfg: RunConfig) -> int:
+    """Wait; print the summary, or the failing rank's own error line (not a pickled traceback)."""
+    try:
+        codes = [int(code or 0) for code in job.results()]
+    except submitit.core.utils.UncompletedJobError as exc:
+        codes, fallback = [1], (str(exc).strip().splitlines() or ["job failed"])[-1]
+    else:
+        fallback = f"job {job.job_id} failed with exit code {max(codes)}"
+    if max(codes) == 0:
+        from dist_mtl.trainer import format_summary
+
+        print(format_summary(json.loads((Path(cfg.run_dir) / "summary.json").read_text())))
+        print(f"run directory: {cfg.run_dir}")
+        return 0
+    errors = dict.fromkeys(_RANK_ERROR.findall(job.stderr() or ""))
+    for line in errors or [f"dist-mtl: error: {fallback} (logs: {job.paths.folder})"]:
+        print(line, file=sys.stderr)
+    return max(codes)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("args", nargs="*", metavar="CONFIG|OVERRIDE")
     parser.add_argument("--executor", choices=("slurm", "local", "debug"), default="slurm")
-    parser.add_argument("--folder", default="runs/submitit/%j", help="submitit logs (%%j = job id)")
+    parser.add_argument("--folder", default="", help="submitit logs and pickles (default: RUN_DIR/submitit)")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=0)
     parser.add_argument(
@@ -75,17 +133,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout-min", type=int, default=60)
     parser.add_argument("--name", default="dist_mtl")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run RUN_DIR already holds")
     parser.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
-    ns = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_intermixed_args(argv)
     ns.tasks_per_node = ns.tasks_per_node or max(ns.gpus_per_node, 1)
-    config, overrides = split_config_and_overrides(ns.args)
-    load_config(config, overrides)  # fail here, not on the cluster, on a bad config
-    job = build_executor(ns).submit(TrainJob(), config, overrides, ns.resume)
-    print(f"submitted job {job.job_id} (logs in {ns.folder.replace('%j', str(job.job_id))})")
-    if ns.no_wait:
-        return 0
-    results = job.results()
-    return max(int(r or 0) for r in results)
+    try:
+        config, overrides = split_config_and_overrides(ns.args)
+        cfg = load_config(config, overrides)
+        check_before_submission(cfg, ns.nodes * ns.tasks_per_node if ns.executor != "debug" else 1)
+        folder = log_folder(ns, cfg)
+    except UserError as exc:
+        print(f"dist-mtl: error: {exc}", file=sys.stderr)
+        return 2
+    job = build_executor(ns, folder).submit(TrainJob(), config, overrides, ns.resume, ns.overwrite)
+    print(f"submitted job {job.job_id} (logs in {folder})", flush=True)
+    return 0 if ns.no_wait else report(job, cfg)
 
 
 if __name__ == "__main__":
