@@ -9,9 +9,11 @@ direction is then formed from exact local gradients (DESIGN section 2).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from dist_mtl.engine.traffic import topk_count
+from dist_mtl.engine.traffic import StepShape
 
 
 class DenseCodec:
@@ -105,6 +107,23 @@ class CountSketchCodec:
 
 
 Codec = DenseCodec | TopKCodec | CountSketchCodec
+
+
+def topk_count(params: int, ratio: float) -> int:
+    """Coordinates kept per row by `topk`."""
+    return max(1, math.ceil(ratio * params))
+
+
+def payload_bytes(compression: str, s: StepShape) -> int:
+    """Bytes one rank sends to the coordinator per step: `numel` of the codec times its element size."""
+    rows, p = max(s.split), s.params
+    if compression == "none":
+        return 4 * (rows + rows * p)
+    if compression in ("fp16", "bf16"):
+        return 2 * (2 * rows + rows * p)  # losses travel bit-exact as two 16-bit halves
+    if compression == "topk":
+        return 4 * (rows + 2 * rows * topk_count(p, s.topk_ratio))
+    return 4 * (rows + rows * s.sketch_size)
 
 
 def build_codec(

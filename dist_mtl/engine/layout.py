@@ -10,10 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dist_mtl.config import ConfigError, EngineConfig, RunConfig
-
-# Which train.mode each protocol implements; every balancer works with every protocol (they all
-# reduce to a function of the Gramian), so the mode is the only pairing that can be wrong.
-PROTOCOL_MODE = {"gather": "exact", "gramian": "exact", "sketch": "exact", "rep": "rep"}
+from dist_mtl.engine.protocols import PROTOCOL_MODE
 
 
 @dataclass(frozen=True)

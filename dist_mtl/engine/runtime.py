@@ -19,11 +19,9 @@ from dist_mtl.config import RunConfig
 from dist_mtl.engine.checksum import ReplicaChecksum
 from dist_mtl.engine.comm import Comm, Group
 from dist_mtl.engine.coordinator import Coordinator
-from dist_mtl.engine.exact import TaskParallelStep
 from dist_mtl.engine.fault import fault_injector
 from dist_mtl.engine.layout import Layout
-from dist_mtl.engine.protocols import Groups
-from dist_mtl.engine.rep import DataParallelRepStep
+from dist_mtl.engine.protocols import Groups, StepContext, build_protocol, protocol_class
 from dist_mtl.engine.state import HeadShards, ReplicatedState
 from dist_mtl.gradients import flatten_parameters
 from dist_mtl.models import MultiTaskModel
@@ -64,13 +62,14 @@ class Engine:
         )
         coordinator = Coordinator(balancer, self.comm, world, model.num_tasks, self.device)
         fault = fault_injector(self.rank, cfg.engine.timeout_s)
-        if cfg.engine.protocol == "rep":
+        if protocol_class(cfg.engine.protocol).mode == "rep":  # every rank holds every head
             self.state = ReplicatedState(model, optimizer, balancer, self.comm)
-            return DataParallelRepStep(model, coordinator, optimizer, self.comm, world, checksum, fault)
-        self.state = HeadShards(model, optimizer, balancer, self.comm, self.layout, self.groups)
-        return TaskParallelStep(
-            cfg, model, coordinator, optimizer, self.layout, self.comm, self.groups, checksum, fault
+        else:  # heads live with the ranks that own their tasks
+            self.state = HeadShards(model, optimizer, balancer, self.comm, self.layout, self.groups)
+        ctx = StepContext(
+            cfg, model, optimizer, coordinator, self.layout, self.comm, self.groups, checksum, fault
         )
+        return build_protocol(cfg.engine.protocol, ctx)
 
     def _state(self) -> ReplicatedState:
         if self.state is None:

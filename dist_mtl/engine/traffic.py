@@ -1,5 +1,5 @@
-"""Bytes a rank sends and receives: per collective (the wrapper's accounting) and per step (the analytic
-count of each protocol, for the README and the benchmark).
+"""Bytes a rank sends and receives per collective (the wrapper's accounting, and the pieces of each
+protocol's analytic `bytes_per_step`); `step_bytes` looks the protocol up by name.
 
 The per-collective models are the algorithms gloo runs on CPU, checked against the bytes each rank
 writes to its sockets (/proc/self/io wchar): ring all-reduce, reduce-scatter plus gather-to-root for
@@ -9,7 +9,6 @@ NCCL's ring and tree algorithms move the same volumes to within a constant facto
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -78,60 +77,14 @@ class StepShape:
         return len(self.split)
 
 
-def _add(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
-    return a[0] + b[0], a[1] + b[1]
-
-
-def gather_payload_floats(compression: str, s: StepShape) -> int:
-    """Elements (float32, or 16-bit for fp16/bf16) a rank sends to the coordinator in `gather`/`sketch`."""
-    rows, p = max(s.split), s.params
-    if compression == "none":
-        return rows + rows * p
-    if compression in ("fp16", "bf16"):
-        return 2 * rows + rows * p  # losses travel bit-exact as two 16-bit halves
-    if compression == "topk":
-        return rows + 2 * rows * topk_count(p, s.topk_ratio)
-    return rows + rows * s.sketch_size
-
-
-def topk_count(params: int, ratio: float) -> int:
-    return max(1, math.ceil(ratio * params))
-
-
-def wire_bytes(compression: str) -> int:
-    return 2 if compression in ("fp16", "bf16") else F32
+def total(*moves: tuple[int, int]) -> tuple[int, int]:
+    """The sum of (sent, received) pairs."""
+    return sum(m[0] for m in moves), sum(m[1] for m in moves)
 
 
 def step_bytes(protocol: str, s: StepShape, rank: int) -> tuple[int, int]:
-    """Analytic (sent, received) bytes of one training step on `rank` (rank = r * K + k)."""
-    t, k_size, d = s.tasks, s.k, s.replicas
-    r, k = divmod(rank, k_size)
-    world = d * k_size
-    total = (0, 0)
-    solution = broadcast_bytes(F64 * (2 * t + 1), world, rank)
-    if protocol == "rep":
-        total = _add(total, all_reduce_bytes(F32 * (s.all_head_params + t + t * t), world))
-        total = _add(total, solution)
-        return _add(total, all_reduce_bytes(F32 * s.params, world))
-    mine = s.split[k]
-    shard = -(-s.params // k_size)
-    width = shard * k_size if protocol == "gramian" else s.params
-    if d > 1:
-        head = s.head_params[k] if s.head_params else 0
-        total = _add(total, all_reduce_bytes(F32 * (head + max(s.split) + mine * width), d))
-    if protocol == "gramian":
-        send = [F32 * mine * shard] * k_size
-        recv = [F32 * n * shard for n in s.split]
-        total = _add(total, all_to_all_bytes(send, recv, k))
-        if r == 0:
-            total = _add(total, reduce_bytes(F32 * (t * t + t), k_size, k == 0))
-        total = _add(total, solution)
-        return _add(total, all_gather_bytes(F32 * shard, k_size))
-    compression = "countsketch" if protocol == "sketch" else s.compression
-    if r == 0:
-        payload = wire_bytes(compression) * gather_payload_floats(compression, s)
-        total = _add(total, gather_bytes(payload, k_size, k == 0))
-    total = _add(total, solution)
-    if compression == "none":
-        return _add(total, broadcast_bytes(F32 * s.params, world, rank))
-    return _add(total, all_reduce_bytes(F32 * width, k_size))
+    """Analytic (sent, received) bytes of one training step on `rank` (rank = r * K + k): the byte
+    model of the protocol class registered under that name."""
+    from dist_mtl.engine.protocols import protocol_class  # the protocols import this module
+
+    return protocol_class(protocol).bytes_per_step(s, rank)

@@ -10,42 +10,34 @@ gives the full-batch shared gradient.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from dist_mtl.engine.checksum import ReplicaChecksum
-from dist_mtl.engine.comm import Comm, Group
-from dist_mtl.engine.coordinator import Coordinator
+from dist_mtl.engine.protocols.base import Protocol, StepContext, solution_bytes
+from dist_mtl.engine.traffic import F32, StepShape, all_reduce_bytes, total
 from dist_mtl.gradients import FlatGradBuffer
-from dist_mtl.models import MultiTaskModel
 from dist_mtl.observe import StepRecorder
 from dist_mtl.reference import StepResult, representation_backward, representation_forward
 
 
-class DataParallelRepStep:
-    """The trainer's `Step` on one rank of protocol rep (every rank runs every head on its slice)."""
+class RepProtocol(Protocol):
+    """One rank of `rep`: every rank runs every head on its slice; everything replicated."""
 
-    def __init__(
-        self,
-        model: MultiTaskModel,
-        coordinator: Coordinator,
-        optimizer: torch.optim.Optimizer,
-        comm: Comm,
-        world: Group,
-        checksum: ReplicaChecksum,
-        fault: Callable[[int], None] | None,
-    ) -> None:
-        self.model, self.coordinator, self.optimizer = model, coordinator, optimizer
-        self.comm, self.world = comm, world
-        self.checksum, self.fault = checksum, fault
-        self.size = world.size
-        self.index = world.index(comm.rank)
+    name = "rep"
+    mode = "rep"
+
+    def __init__(self, ctx: StepContext) -> None:
+        model = ctx.model
+        self.model, self.coordinator, self.optimizer = model, ctx.coordinator, ctx.optimizer
+        self.comm, self.world = ctx.comm, ctx.groups.world
+        self.checksum, self.fault = ctx.checksum, ctx.fault
+        self.size = self.world.size
+        self.index = self.world.index(ctx.comm.rank)
         self.shared = model.shared_parameters()
         self.heads = [p for t in range(model.num_tasks) for p in model.head_parameters(t)]
         t = model.num_tasks
         heads = sum(p.numel() for p in self.heads)
         device = self.shared[0].device
+        # [head grads | losses | partial Gramian]: one all-reduce.
         self.flat = torch.zeros(heads + t + t * t, device=device)
         self.head_grad = FlatGradBuffer(self.heads, out=self.flat[:heads])
         self.losses = self.flat[heads : heads + t]
@@ -81,3 +73,13 @@ class DataParallelRepStep:
                     self.optimizer.step()
             self.checksum(step, rec)
         return StepResult(solution)
+
+    @classmethod
+    def bytes_per_step(cls, shape: StepShape, rank: int) -> tuple[int, int]:
+        """All-reduce of [head grads | T losses | T x T], the broadcast of c, all-reduce of P."""
+        t, world = shape.tasks, shape.replicas * shape.k
+        return total(
+            all_reduce_bytes(F32 * (shape.all_head_params + t + t * t), world),
+            solution_bytes(shape, rank),
+            all_reduce_bytes(F32 * shape.params, world),
+        )

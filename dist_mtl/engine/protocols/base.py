@@ -1,0 +1,74 @@
+"""What every exchange protocol is: the trainer's `Step` on one rank, with its buffers and byte model.
+
+A protocol class owns three things, so that adding one touches one file and the registry:
+- its buffer layout (built once, in `__init__`, from a `StepContext`),
+- its per-step exchange (`__call__`, the `dist_mtl.backend.Step` the trainer runs),
+- its analytic byte model (`bytes_per_step`, what `traffic.step_bytes` and the contract test use).
+`name` is the `engine.protocol` value and `mode` the `train.mode` it implements.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from dist_mtl.config import RunConfig
+from dist_mtl.engine.checksum import ReplicaChecksum
+from dist_mtl.engine.comm import Comm, Group
+from dist_mtl.engine.coordinator import Coordinator
+from dist_mtl.engine.traffic import F64, StepShape, broadcast_bytes
+from dist_mtl.models import MultiTaskModel
+from dist_mtl.observe import StepRecorder
+from dist_mtl.reference import StepResult
+
+if TYPE_CHECKING:  # layout imports the registry (PROTOCOL_MODE), so only for annotations here
+    from dist_mtl.engine.layout import Layout
+
+
+@dataclass(frozen=True)
+class Groups:
+    """This rank's world, task and replica groups."""
+
+    world: Group
+    task: Group
+    replica: Group
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Everything a protocol is built from on one rank, assembled by `Engine.make_step`."""
+
+    cfg: RunConfig
+    model: MultiTaskModel
+    optimizer: torch.optim.Optimizer
+    coordinator: Coordinator
+    layout: Layout
+    comm: Comm
+    groups: Groups
+    checksum: ReplicaChecksum
+    fault: Callable[[int], None] | None  # fault injection for the tests (None in normal runs)
+
+
+class Protocol(ABC):
+    """One exchange protocol on one rank; subclasses are listed in `dist_mtl.engine.protocols.PROTOCOLS`."""
+
+    name: ClassVar[str]  # engine.protocol
+    mode: ClassVar[str]  # the train.mode it implements: "exact" or "rep"
+
+    @classmethod
+    @abstractmethod
+    def bytes_per_step(cls, shape: StepShape, rank: int) -> tuple[int, int]:
+        """Analytic (sent, received) bytes of one step on global `rank` (= r * K + k)."""
+
+    @abstractmethod
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder) -> StepResult:
+        """One training step on the global batch (x, y)."""
+
+
+def solution_bytes(shape: StepShape, rank: int) -> tuple[int, int]:
+    """The coordinator's broadcast of (c, losses, skip flag): 2T + 1 float64 to the whole world."""
+    return broadcast_bytes(F64 * (2 * shape.tasks + 1), shape.replicas * shape.k, rank)

@@ -1,0 +1,121 @@
+"""The exact-mode step shared by the task-parallel protocols (gather, gramian, sketch).
+
+On one rank of a D x K layout: forward the encoder once on the replica's slice of the global batch,
+back-propagate each owned task into the shared parameters (T/K backward passes), average over the
+replica group when D > 1 (one all-reduce of owned gradients, head gradients and losses together),
+run the protocol's exchange, and step the optimizer. Heads of other ranks' tasks keep
+`.grad = None`, so the optimizer neither updates them nor allocates state for them.
+
+A subclass decides where the owned task gradients live (`make_block`: its buffer layout inside the
+rank's one flat buffer) and how they become d (`exchange`); this class does the rest.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from dist_mtl.engine.protocols.base import Protocol, StepContext
+from dist_mtl.engine.traffic import F32, StepShape, all_reduce_bytes
+from dist_mtl.gradients import FlatGradBuffer, task_loss_list
+from dist_mtl.observe import StepRecorder
+from dist_mtl.reference import StepResult
+from dist_mtl.solve import Solution
+
+
+@dataclass
+class TaskBlock:
+    """One rank's per-step exchange state: views into its flat buffer, allocated once."""
+
+    losses: torch.Tensor  # (T_max,) owned losses, zero beyond the rank's own tasks
+    grads: torch.Tensor  # owned task gradients in the protocol's layout, zero-padded
+    filled: int  # leading elements of the block holding real data (the replica all-reduce covers them)
+    slots: list[torch.Tensor]  # slots[i]: the view of `grads` that receives owned task i's gradient
+    direction: torch.Tensor  # the shared gradient buffer; its first P entries are the .grad views
+    source: torch.Tensor  # `direction` seen like a slot: after task i's backward, copied into slots[i]
+
+
+class TaskParallelProtocol(Protocol):
+    """Exact mode on one rank of a D x K layout; subclasses own the block layout and the exchange."""
+
+    mode = "exact"
+
+    def __init__(self, ctx: StepContext) -> None:
+        layout, model = ctx.layout, ctx.model
+        self.model, self.optimizer, self.comm, self.groups = model, ctx.optimizer, ctx.comm, ctx.groups
+        self.coordinator, self.checksum, self.fault = ctx.coordinator, ctx.checksum, ctx.fault
+        self.replicas, self.k_size, self.num_tasks = layout.replicas, layout.task_parallel, layout.num_tasks
+        self.replica, self.k = layout.coords(ctx.comm.rank)
+        self.owned = layout.tasks_of(self.k)
+        self.mine, self.t_max = len(self.owned), layout.max_tasks
+        self.split = layout.split
+        self.shared = model.shared_parameters()
+        self.owned_heads = [p for t in self.owned for p in model.head_parameters(t)]
+        self.params = sum(p.numel() for p in self.shared)
+        self.device = self.shared[0].device
+        heads = sum(p.numel() for p in self.owned_heads)
+        # [owned head grads | the protocol's block]: the replica average is one all-reduce of the
+        # prefix that holds real data.
+        flat = torch.zeros(heads + self.block_numel(), device=self.device)
+        self.head_grad = FlatGradBuffer(self.owned_heads, out=flat[:heads])
+        direction = torch.zeros(self.direction_numel(), device=self.device)
+        self.shared_grad = FlatGradBuffer(self.shared, out=direction)
+        self.block = self.make_block(flat[heads:], direction)
+        self.replica_part = flat[: heads + self.block.filled]
+
+    @abstractmethod
+    def block_numel(self) -> int:
+        """Elements of the rank's block (losses and task gradients)."""
+
+    def direction_numel(self) -> int:
+        """Elements of the shared gradient buffer (P, or more when the layout pads it)."""
+        return self.params
+
+    @abstractmethod
+    def make_block(self, flat: torch.Tensor, direction: torch.Tensor) -> TaskBlock:
+        """Lay the losses and the owned task gradients out in `flat` (`block_numel` elements)."""
+
+    @abstractmethod
+    def exchange(self, rec: StepRecorder) -> Solution:
+        """Owned gradients and losses in `self.block` -> d in `self.block.direction` (unless skipped)."""
+
+    @staticmethod
+    def replica_bytes(shape: StepShape, rank: int, filled: int) -> tuple[int, int]:
+        """The D > 1 replica all-reduce of [owned head grads | `filled` block elements] in float32."""
+        if shape.replicas == 1:
+            return 0, 0
+        k = rank % shape.k
+        head = shape.head_params[k] if shape.head_params else 0
+        return all_reduce_bytes(F32 * (head + filled), shape.replicas)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder) -> StepResult:
+        n = x.shape[0] // self.replicas
+        rows = slice(self.replica * n, (self.replica + 1) * n)
+        with self.comm.stepping(rec, self.fault) as step:
+            self._backward(x[rows], y[rows, self.owned.start : self.owned.stop], rec)
+            if self.replicas > 1:
+                with rec.phase("exchange"):
+                    self.comm.all_reduce(self.replica_part, self.groups.replica)
+                    self.replica_part.div_(self.replicas)
+            solution = self.exchange(rec)
+            if not solution.skipped:
+                with rec.phase("optimizer"):
+                    self.optimizer.step()
+            self.checksum(step, rec)
+        return StepResult(solution)
+
+    def _backward(self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder) -> None:
+        """One forward, then one backward per owned task, each task's gradient copied into its slot."""
+        with rec.phase("forward"):
+            parts = task_loss_list(self.model.head_logits(self.model.encode(x), self.owned), y)
+        with rec.phase("backward"):
+            for i, loss in enumerate(parts):  # the T/K backward passes are the step's work
+                self.shared_grad.buffer.zero_()
+                loss.backward(retain_graph=True, inputs=self.shared)
+                self.block.slots[i].copy_(self.block.source)
+            losses = torch.stack(parts)
+            self.head_grad.buffer.zero_()
+            losses.sum().backward(inputs=self.owned_heads)
+            self.block.losses[: self.mine].copy_(losses.detach())
