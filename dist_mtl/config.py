@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from dist_mtl.balancers import BALANCER_NAMES, balancer_options
-from dist_mtl.balancers.getmtl import DEFAULT_EPS
+from dist_mtl.balancers.getmtl import DEFAULT_EPS, DEFAULT_MAX_SCALE
 from dist_mtl.balancers.mgda import APPLY_MODES, NORMALIZATIONS
 from dist_mtl.balancers.solver import DEFAULT_MAX_ITER, DEFAULT_TOL
 from dist_mtl.data import DATASET_NAMES, dataset_options
@@ -70,6 +70,7 @@ class BalancerConfig:
     normalization: str = "none"  # mgda / getmtl: gradient normalisation none | l2 | loss | loss+
     apply: str = "adopted"  # mgda: "adopted" (c = a / n) or "official" (c = a, as the official code)
     eps: float = DEFAULT_EPS  # getmtl: trade-off radius in (0, 1]
+    max_scale: float = DEFAULT_MAX_SCALE  # getmtl: cap (> 1) on the factor 1 / (1 - eps ||g0||)
     seed: int = 0  # mamg: seed of the per-step random task order
     tol: float = DEFAULT_TOL  # min-norm solver: relative duality-gap tolerance
     max_iter: int = DEFAULT_MAX_ITER  # min-norm solver: iteration cap (affine solves)
@@ -253,6 +254,8 @@ def _check_ranges(cfg: RunConfig) -> None:
         raise ConfigError(f"data.conflict must be in [0, 1] (a cosine magnitude); got {cfg.data.conflict!r}")
     if not 0.0 < cfg.balancer.eps <= 1.0:
         raise ConfigError(f"balancer.eps must be in (0, 1]; got {cfg.balancer.eps!r}")
+    if not cfg.balancer.max_scale > 1.0:
+        raise ConfigError(f"balancer.max_scale must be > 1; got {cfg.balancer.max_scale!r}")
     if not 0.0 <= cfg.train.max_skipped_fraction <= 1.0:
         raise ConfigError(
             f"train.max_skipped_fraction must be in [0, 1]; got {cfg.train.max_skipped_fraction!r}"

@@ -117,10 +117,12 @@ def test_mgda_ub_config_needs_no_protocol() -> None:
     [
         (
             ["balancer.name=getmtl", "balancer.normalization=l2"],
-            "balancer.normalization is not used by balancer 'getmtl' (it takes: eps, tol, max_iter",
+            "balancer.normalization is not used by balancer 'getmtl' "
+            "(it takes: eps, tol, max_iter, max_scale)",
         ),
         (["balancer.name=uniform", "balancer.seed=3"], "balancer.seed is not used by balancer 'uniform'"),
         (["balancer.eps=0.5"], "balancer.eps is not used by balancer 'mgda' (it takes: normalization, apply"),
+        (["balancer.max_scale=5"], "balancer.max_scale is not used by balancer 'mgda'"),
         (
             ["data.image_size=32"],
             "data.image_size is not used by data set 'multidigits' (it takes: train_size",
@@ -227,3 +229,14 @@ def test_build_datasets_passes_every_option_the_builder_takes() -> None:
         conflict=0.3,
     )
     assert torch.equal(train.x, expected.x) and torch.equal(train.y, expected.y) and len(test) == 16
+
+
+def test_max_scale_defaults_to_getmtl_s_and_reaches_the_balancer() -> None:
+    from dist_mtl.balancers.getmtl import DEFAULT_MAX_SCALE
+    from dist_mtl.build import build_balancer_for
+
+    assert load_config().balancer.max_scale == DEFAULT_MAX_SCALE
+    cfg = load_config(None, ["balancer.name=getmtl", "balancer.max_scale=4"])
+    assert build_balancer_for(cfg).max_scale == 4.0
+    with pytest.raises(ConfigError, match="balancer.max_scale must be > 1; got 1.0"):
+        load_config(None, ["balancer.name=getmtl", "balancer.max_scale=1"])
