@@ -24,6 +24,7 @@ class Solution:
     skipped: bool  # True when the Gramian or losses were not finite
     info: dict[str, float] = field(default_factory=dict)
     gramian: torch.Tensor | None = None  # (T, T) on the host, on the process that solved; else None
+    events: dict[str, int] = field(default_factory=dict)  # this step's counts (`step_events`); {} if skipped
 
     def diagnostics(self) -> dict[str, float]:
         """Gradient cosines and the descent check, O(T^2): computed only for the steps that are logged."""
@@ -52,6 +53,21 @@ def gramian_diagnostics(gramian: np.ndarray, coefficients: np.ndarray) -> dict[s
     return out
 
 
+def step_events(info: dict[str, float]) -> dict[str, int]:
+    """This step's event counts, from the balancer's info, for running totals over a run.
+
+    - unconverged_solves: 1 if any solve of this call stopped unconverged (every `*_converged` info
+      key: the min-norm solve, GetMTL's step 3), else 0; present for every balancer.
+    - getmtl_capped: 1 if GetMTL's factor 1 / (1 - eps ||g0||) hit balancer.max_scale (GetMTL only).
+    - degenerate_*: the balancer's degenerate-branch counters as they are (MGDA: zero_norm (how many
+      normalisers were clamped), pareto_stationary; GetMTL: zero_gw, no_scale).
+    """
+    unconverged = any(v == 0.0 for k, v in info.items() if k.endswith("_converged"))
+    events = {"unconverged_solves": int(unconverged)}
+    events |= {k: int(v) for k, v in info.items() if k == "getmtl_capped" or k.startswith("degenerate_")}
+    return events
+
+
 def solve_on_host(balancer: Balancer, gramian: torch.Tensor, losses: torch.Tensor) -> Solution:
     """Move (M, losses) to the CPU in one copy, check them, run the balancer and advance its state."""
     t = losses.numel()
@@ -67,4 +83,4 @@ def solve_on_host(balancer: Balancer, gramian: torch.Tensor, losses: torch.Tenso
     coefficients = out.coefficients.to(torch.float64)
     info = {f"solver/{k.removeprefix('solver_')}": float(v) for k, v in out.info.items()}
     info["solver/seconds"] = seconds
-    return Solution(coefficients, l_host, False, info, m_host)
+    return Solution(coefficients, l_host, False, info, m_host, step_events(out.info))
