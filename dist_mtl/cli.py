@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import IO
 
 from dist_mtl.config import load_config, split_config_and_overrides
-from dist_mtl.errors import UserError
+from dist_mtl.data.celeba_convert import DEFAULT_SHARD_SIZE
+from dist_mtl.errors import TrainingFailed, UserError
 from dist_mtl.train import check_layout, preflight, run
 
 TRAIN_DESCRIPTION = """\
@@ -304,7 +305,9 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     c.add_argument("root", help="CelebA root (official layout or torchvision's)")
     c.add_argument("out", help="output directory for shards and manifest.json")
     c.add_argument("--image-size", type=int, default=None, help="resize to this square size (default: keep)")
-    c.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
+    c.add_argument(
+        "--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="samples per shard (default: %(default)s)"
+    )
     c.set_defaults(func=_data_celeba)
     return parser, train
 
@@ -333,6 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, FileNotFoundError) as exc:  # a missing input file is the user's error too
         print(f"dist-mtl: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingFailed as exc:  # the input was fine, the run was not: exit 1, still one line
+        print(f"dist-mtl: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

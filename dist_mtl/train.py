@@ -24,7 +24,7 @@ from dist_mtl.data import MultiTaskDataset, dataset_num_tasks
 from dist_mtl.engine import Engine, Layout, process_group, resolve_layout
 from dist_mtl.engine.checksum import ReplicaDivergenceError
 from dist_mtl.engine.comm import CollectiveError
-from dist_mtl.errors import RunDirError, UserError
+from dist_mtl.errors import RunDirError, TrainingFailed, UserError
 from dist_mtl.trainer import format_summary, train
 
 Datasets = tuple[MultiTaskDataset, MultiTaskDataset]
@@ -135,10 +135,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         config, overrides = split_config_and_overrides(ns.args)
         return run(load_config(config, overrides), resume=ns.resume, overwrite=ns.overwrite)
     except (UserError, FileNotFoundError) as exc:  # a missing input file is the user's error too
-        rank = os.environ.get("RANK")
-        where = f"rank {rank}: " if rank is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        print(f"dist_mtl.train: {where}error: {exc}", file=sys.stderr, flush=True)
+        print(f"dist_mtl.train: {_where()}error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except TrainingFailed as exc:  # the input was fine, the run was not: exit 1, still one line
+        print(f"dist_mtl.train: {_where()}error: {exc}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _where() -> str:
+    """ "rank R: " in a distributed run, so the launcher's report says which rank failed."""
+    rank = os.environ.get("RANK")
+    return f"rank {rank}: " if rank is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
 if __name__ == "__main__":

@@ -65,3 +65,9 @@ def test_train_help_says_where_keys_are_documented_and_what_the_default_is() -> 
     text = train.format_help()
     assert 'README.md, section "Configuration"' in text and "dist_mtl/config.py" in text
     assert "configs/multidigits_mgda.yaml" in text and "--overwrite" in text
+
+
+def test_celeba_shard_size_defaults_to_the_converter_s() -> None:
+    from dist_mtl.data.celeba_convert import DEFAULT_SHARD_SIZE
+
+    assert cli.parse_args(["data", "celeba", "a", "b"]).shard_size == DEFAULT_SHARD_SIZE

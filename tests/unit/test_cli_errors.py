@@ -12,7 +12,7 @@ from dist_mtl import cli
 from dist_mtl import train as train_module
 from dist_mtl.config import load_config
 from dist_mtl.data import build_dataset
-from dist_mtl.errors import ConfigError
+from dist_mtl.errors import ConfigError, TrainingFailed
 
 ROOT = Path(__file__).parents[2]
 SMALL = [
@@ -117,3 +117,19 @@ def test_mgda_ub_config_passes_the_parent_checks_for_two_ranks(monkeypatch, tmp_
     config = str(ROOT / "configs" / "multidigits_mgda_ub.yaml")
     assert cli.main(["train", config, "--nproc", "2", f"run_dir={tmp_path}"]) == 0
     assert started == [(2, [config, f"run_dir={tmp_path}"])]
+
+
+def test_a_failed_run_is_one_line_with_exit_code_1(monkeypatch, capsys, tmp_path) -> None:
+    """TrainingFailed (e.g. most steps skipped) is not bad input (2) and not a bug (a traceback)."""
+
+    def failing(*args, **kwargs):
+        raise TrainingFailed("12 of 12 steps were skipped")
+
+    monkeypatch.setattr(cli, "run", failing)
+    assert cli.main(["train", f"run_dir={tmp_path}"]) == 1
+    assert capsys.readouterr().err == "dist-mtl: error: 12 of 12 steps were skipped\n"
+    monkeypatch.setattr(train_module, "run", failing)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train_module.main([f"run_dir={tmp_path}"]) == 1
+    assert capsys.readouterr().err == "dist_mtl.train: rank 1: error: 12 of 12 steps were skipped\n"
