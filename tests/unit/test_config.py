@@ -94,15 +94,14 @@ def test_choices_come_from_the_registries() -> None:
 
 def test_protocol_names_are_the_engines() -> None:
     """config cannot import the engine, so its copy of the protocol names is checked here."""
-    engine_names = getattr(dist_mtl.engine, "PROTOCOL_NAMES", None) or tuple(dist_mtl.engine.PROTOCOL_MODE)
-    assert set(config_module.PROTOCOL_NAMES) == set(engine_names)
+    assert set(config_module.PROTOCOL_NAMES) == set(dist_mtl.engine.PROTOCOL_NAMES)
     assert config_module._CHOICES["engine.protocol"] == ("auto", *config_module.PROTOCOL_NAMES)
 
 
 @pytest.mark.parametrize(("mode", "resolved"), [("exact", "gramian"), ("rep", "rep")])
 def test_protocol_auto_resolves_at_load_and_is_what_gets_recorded(mode: str, resolved: str) -> None:
     cfg = load_config(None, [f"train.mode={mode}"])
-    assert cfg.engine.protocol == resolved
+    assert cfg.engine.protocol == resolved and dist_mtl.engine.PROTOCOL_MODE[resolved] == mode
     assert yaml.safe_load(yaml.safe_dump(config_to_dict(cfg)))["engine"]["protocol"] == resolved
     assert load_config(None, [f"train.mode={mode}", "engine.protocol=gather"]).engine.protocol == "gather"
 
