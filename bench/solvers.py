@@ -8,6 +8,10 @@ gap among them: min-norm's Frank-Wolfe gap for min_norm and mgda, step 3's gap f
 solve has the mgda gap); mamg and uniform solve no optimisation problem. Calls repeat until a cell has
 spent about 0.2 s, at least 3 and at most 200 times per Gramian, so mamg at T = 1000 (about 1 s a call:
 its pairwise pass is O(T) per clip and these Gramians give ~4e5 clips) runs only 3 times per Gramian.
+
+A second table times min_norm on near-duplicate tasks, the case the pairwise exchange finishes:
+T = 300, 150 random gradients in R^P and copies of them perturbed by 1e-7 (three seeds per P),
+with how many of the three solves converged.
 Run: python3 bench/solvers.py
 """
 
@@ -85,6 +89,14 @@ def cell(seconds: float, gap: float | None) -> str:
     return ms if gap is None else f"{ms}, gap {gap:.0e}"
 
 
+def near_duplicates(P: int, seed: int, pairs: int = 150, delta: float = 1e-7) -> torch.Tensor:
+    """M for 2 * pairs tasks: random gradients in R^P and copies of them perturbed by delta."""
+    rng = np.random.default_rng(seed)
+    G = rng.standard_normal((P, pairs))
+    G = np.hstack([G, G + delta * rng.standard_normal(G.shape)])
+    return torch.from_numpy(G.T @ G)
+
+
 def main() -> None:
     torch.set_num_threads(1)
     calls = solvers()
@@ -95,6 +107,12 @@ def main() -> None:
             grams = [gramian(T, seed) for seed in SEEDS]
             cells = [cell(*measure(calls[c], grams)) for c in COLUMNS]
             print(f"| {T} | " + " | ".join(cells) + " |", flush=True)
+        print("\n| near-duplicates, T = 300 | min_norm | converged |")
+        print("|---|---|---:|", flush=True)
+        for P in (100, 200, 500):
+            grams = [near_duplicates(P, seed) for seed in SEEDS]
+            converged = sum(min_norm(M)[1].converged for M in grams)
+            print(f"| P = {P} | {cell(*measure(calls['min_norm'], grams))} | {converged} of 3 |", flush=True)
 
 
 if __name__ == "__main__":
