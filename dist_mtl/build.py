@@ -35,16 +35,21 @@ def build_datasets(cfg: RunConfig) -> tuple[MultiTaskDataset, MultiTaskDataset]:
 
 
 def build_model_for(cfg: RunConfig, train: MultiTaskDataset) -> MultiTaskModel:
+    """The configured model, seeded by cfg.seed; `build_model`'s refusals become ConfigError (exit 2)."""
     torch.manual_seed(cfg.seed)
     m = cfg.model
-    return build_model(
-        m.encoder,
-        train.input_shape,
-        [t.num_classes for t in train.tasks],
-        hidden=m.hidden,
-        rep_dim=m.rep_dim,
-        width=m.width,
-    )
+    try:
+        return build_model(
+            m.encoder,
+            train.input_shape,
+            [t.num_classes for t in train.tasks],
+            hidden=m.hidden,
+            rep_dim=m.rep_dim,
+            width=m.width,
+            norm=m.norm,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def build_balancer_for(cfg: RunConfig) -> Balancer:

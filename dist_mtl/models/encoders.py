@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from dist_mtl.models.norm import norm_layer
+
 
 class MLPEncoder(nn.Module):
     """Fully connected encoder; the communication-heavy case (many parameters, little compute)."""
@@ -55,18 +57,18 @@ class LeNetEncoder(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block with an identity or 1x1 projection shortcut."""
+    """ResNet basic block with an identity or 1x1 projection shortcut; `norm` as `norm_layer`."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: str = "batch") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
+        self.bn1 = norm_layer(norm, c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
+        self.bn2 = norm_layer(norm, c_out)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), norm_layer(norm, c_out)
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,23 +80,27 @@ class BasicBlock(nn.Module):
 class ResNet18Encoder(nn.Module):
     """CIFAR-style ResNet-18 (3x3 stem, no max-pool), the shared encoder of the MGDA CelebA recipe.
 
-    `width` scales every stage (64 in the paper); smaller widths keep CPU tests fast.
-    BatchNorm uses batch statistics: with task parallelism every rank of a task group sees the same
-    batch, so the statistics agree across ranks.
+    `width` scales every stage (64 in the paper); smaller widths keep CPU tests fast. `norm`
+    (`dist_mtl.models.norm`): batch (BatchNorm: every rank of a task group sees the same batch, so
+    its statistics agree within the group, but replicas normalise their own slices), sync (BatchNorm
+    over the replicas: equals one process on the global batch) or group (GroupNorm).
+    Parameter initialisation does not depend on `norm` (norm layers start at weight 1, bias 0).
     """
 
-    def __init__(self, input_shape: Sequence[int], width: int = 64, out_dim: int | None = None) -> None:
+    def __init__(
+        self, input_shape: Sequence[int], width: int = 64, out_dim: int | None = None, norm: str = "batch"
+    ) -> None:
         super().__init__()
         c_in = input_shape[0]
         self.stem = nn.Sequential(
-            nn.Conv2d(c_in, width, 3, stride=1, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+            nn.Conv2d(c_in, width, 3, stride=1, padding=1, bias=False), norm_layer(norm, width), nn.ReLU()
         )
         stages: list[nn.Module] = []
         c = width
         for i, mult in enumerate((1, 2, 4, 8)):
             c_out = width * mult
             stride = 1 if i == 0 else 2
-            stages += [BasicBlock(c, c_out, stride), BasicBlock(c_out, c_out, 1)]
+            stages += [BasicBlock(c, c_out, stride, norm), BasicBlock(c_out, c_out, 1, norm)]
             c = c_out
         self.stages = nn.Sequential(*stages)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
