@@ -25,7 +25,7 @@ from dist_mtl.balancers.solver import DEFAULT_MAX_ITER, DEFAULT_TOL
 from dist_mtl.data import DATASET_NAMES, dataset_options
 from dist_mtl.data.synthetic import build_synthetic
 from dist_mtl.errors import ConfigError
-from dist_mtl.models import ENCODER_NAMES
+from dist_mtl.models import ENCODER_NAMES, NORM_NAMES, NORMED_ENCODERS
 
 
 def _synthetic_default(option: str) -> Any:
@@ -58,9 +58,9 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [256, 256])  # mlp hidden widths
     rep_dim: int = 64  # width of the representation Z (mlp, lenet)
     width: int = 64  # resnet18 base width (64 in the MGDA CelebA recipe)
-    # Normalisation layers of lenet / resnet18: batch (BatchNorm, per-replica statistics), sync
-    # (BatchNorm with statistics reduced over the replica group: equals one process on the global
-    # batch) or group (GroupNorm, independent of the batch)
+    # Normalisation layers of resnet18 (mlp and lenet have none): batch (BatchNorm, per-replica
+    # statistics), sync (BatchNorm with statistics reduced over the replica group: equals one process
+    # on the global batch) or group (GroupNorm, independent of the batch)
     norm: str = "batch"
 
 
@@ -144,13 +144,11 @@ class RunConfig:
 # Exchange protocols of dist_mtl.engine. config cannot import the engine (the engine imports config),
 # so the names are listed here and tests/unit/test_config.py checks them against the engine's.
 PROTOCOL_NAMES: tuple[str, ...] = ("gather", "gramian", "sketch", "rep")
-# Normalisation layers of the encoders that have them (lenet, resnet18).
-NORM_NAMES: tuple[str, ...] = ("batch", "sync", "group")
-# The model fields each encoder reads (dist_mtl.models.build_model has no per-encoder registry).
+# The model fields each encoder reads (dist_mtl.models.build_model has no per-encoder registry);
+# model.norm only for the encoders with normalisation layers (dist_mtl.models.NORMED_ENCODERS).
+_ENCODER_FIELDS = {"mlp": ("hidden", "rep_dim"), "lenet": ("rep_dim",), "resnet18": ("width",)}
 ENCODER_OPTIONS: dict[str, tuple[str, ...]] = {
-    "mlp": ("hidden", "rep_dim"),
-    "lenet": ("rep_dim", "norm"),
-    "resnet18": ("width", "norm"),
+    name: _ENCODER_FIELDS[name] + (("norm",) if name in NORMED_ENCODERS else ()) for name in ENCODER_NAMES
 }
 # The optim fields each optimizer reads.
 OPTIMIZER_OPTIONS: dict[str, tuple[str, ...]] = {

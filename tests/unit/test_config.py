@@ -14,7 +14,7 @@ from dist_mtl.build import build_datasets
 from dist_mtl.config import ConfigError, config_to_dict, load_config, parse_overrides
 from dist_mtl.data import DATASET_NAMES, build_dataset
 from dist_mtl.data.synthetic import build_synthetic
-from dist_mtl.models import ENCODER_NAMES
+from dist_mtl.models import ENCODER_NAMES, NORM_NAMES, NORMED_ENCODERS
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
@@ -89,6 +89,10 @@ def test_choices_come_from_the_registries() -> None:
     assert choices["balancer.name"] == BALANCER_NAMES
     assert choices["data.name"] == DATASET_NAMES
     assert choices["model.encoder"] == ENCODER_NAMES
+    assert choices["model.norm"] == NORM_NAMES
+    assert {e for e, fields in config_module.ENCODER_OPTIONS.items() if "norm" in fields} == set(
+        NORMED_ENCODERS
+    )
     assert set(config_module.ENCODER_OPTIONS) == set(ENCODER_NAMES)
 
 
@@ -128,7 +132,8 @@ def test_mgda_ub_config_needs_no_protocol() -> None:
         ),
         (["data.name=synthetic", "data.tasks=binary"], "data.tasks is not used by data set 'synthetic'"),
         (["data.num_clusters=2"], "data.num_clusters is not used by data set 'multidigits'"),
-        (["model.hidden=[8]"], "model.hidden is not used by encoder 'lenet' (it takes: rep_dim, norm)"),
+        (["model.hidden=[8]"], "model.hidden is not used by encoder 'lenet' (it takes: rep_dim)"),
+        (["model.norm=group"], "model.norm is not used by encoder 'lenet' (it takes: rep_dim)"),
         (["model.encoder=mlp", "model.norm=group"], "model.norm is not used by encoder 'mlp'"),
         (["model.encoder=resnet18", "model.rep_dim=8"], "model.rep_dim is not used by encoder 'resnet18'"),
         (
@@ -158,6 +163,7 @@ def test_options_the_chosen_component_does_not_use_are_errors(overrides: list[st
         ["balancer.name=mamg", "balancer.seed=3"],
         ["optim.name=sgd", "optim.momentum=0.5"],
         ["model.encoder=mlp", "model.hidden=[8]"],
+        ["model.encoder=resnet18", "model.norm=group", "model.width=8"],
         ["engine.protocol=gather", "engine.compression=topk", "engine.topk_ratio=0.5"],
         ["engine.protocol=gather", "engine.compression=countsketch", "engine.sketch_size=64"],
         ["engine.protocol=sketch", "engine.sketch_seed=3"],
