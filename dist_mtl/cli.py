@@ -248,7 +248,7 @@ def _train(ns: argparse.Namespace) -> int:
     if ns.nproc == 1:
         return run(cfg, resume=ns.resume, overwrite=ns.overwrite)
     check_layout(cfg, ns.nproc)
-    preflight(cfg)
+    preflight(cfg, resume=ns.resume, overwrite=ns.overwrite)
     args = [*([config] if config else []), *overrides]
     return run_torchrun(ns.nproc, args, resume=ns.resume, overwrite=ns.overwrite)
 

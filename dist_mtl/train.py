@@ -25,6 +25,7 @@ from dist_mtl.engine import Engine, Layout, process_group, resolve_layout
 from dist_mtl.engine.checksum import ReplicaDivergenceError
 from dist_mtl.engine.comm import CollectiveError
 from dist_mtl.errors import RunDirError, TrainingFailed, UserError
+from dist_mtl.rundir import prepare_run_dir
 from dist_mtl.trainer import format_summary, train
 
 Datasets = tuple[MultiTaskDataset, MultiTaskDataset]
@@ -53,10 +54,12 @@ def check_run_dir(run_dir: str) -> None:
         raise RunDirError(f"run_dir {run_dir} is not writable: {exc.strerror or exc}{where}") from None
 
 
-def preflight(cfg: RunConfig) -> torch.device:
-    """The checks that need neither data nor another process: device and run directory."""
+def preflight(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> torch.device:
+    """The checks that need neither data nor another process: device, run directory writable, and
+    --resume / --overwrite against what the run directory holds (checked only; nothing is written)."""
     device = resolve_device(cfg.train.device)
     check_run_dir(cfg.run_dir)
+    prepare_run_dir(Path(cfg.run_dir), resume=resume, overwrite=overwrite, writer=False)
     return device
 
 
@@ -84,7 +87,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> int
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return run_distributed(cfg, resume=resume, overwrite=overwrite)
     num_tasks(cfg)  # the task options, checked without building the data
-    preflight(cfg)
+    preflight(cfg, resume=resume, overwrite=overwrite)
     summary = train(cfg, resume=resume, overwrite=overwrite, datasets=build_checked_datasets(cfg))
     print(format_summary(summary))
     print(f"run directory: {cfg.run_dir}")
@@ -96,7 +99,7 @@ def run_distributed(cfg: RunConfig, *, resume: bool = False, overwrite: bool = F
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ["WORLD_SIZE"])
     layout = check_layout(cfg, world_size)
-    device = preflight(cfg)
+    device = preflight(cfg, resume=resume, overwrite=overwrite)
     datasets = build_checked_datasets(cfg)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

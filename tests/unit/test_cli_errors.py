@@ -133,3 +133,18 @@ def test_a_failed_run_is_one_line_with_exit_code_1(monkeypatch, capsys, tmp_path
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert train_module.main([f"run_dir={tmp_path}"]) == 1
     assert capsys.readouterr().err == "dist_mtl.train: rank 1: error: 12 of 12 steps were skipped\n"
+
+
+@pytest.mark.parametrize("nproc", [[], ["--nproc", "2"]])
+def test_a_run_dir_holding_a_run_is_rejected_before_the_data(
+    nproc, capsys, no_data_no_ranks, tmp_path
+) -> None:
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    err = error_of([*SMALL, f"run_dir={tmp_path}", *nproc], capsys)
+    assert f"run_dir {tmp_path} already holds a run" in err and "--overwrite" in err
+
+
+@pytest.mark.parametrize("nproc", [[], ["--nproc", "2"]])
+def test_resume_with_overwrite_is_rejected_before_the_data(nproc, capsys, no_data_no_ranks, tmp_path) -> None:
+    err = error_of([*SMALL, f"run_dir={tmp_path}", "--resume", "--overwrite", *nproc], capsys)
+    assert "--resume and --overwrite contradict each other" in err
