@@ -178,6 +178,9 @@ def train(
     # Every check that can refuse the run happens before anything is written.
     prepare_run_dir(run_dir, resume=resume, overwrite=overwrite, writer=rt.rank == 0)
     start_step, skipped, history, restarts, wall_before, first_skipped = 0, 0, [], 0, 0.0, []
+    # Run totals of the per-step solver events (unconverged solves, capped GetMTL steps, degenerate
+    # branches): counted on every step, so a record shows what happened between logged steps too.
+    events: dict[str, int] = {}
     if resume:
         ckpt, _ = load_latest_checkpoint(run_dir)
         saved = json.loads(ckpt["config"]) if "config" in ckpt else None
@@ -195,6 +198,7 @@ def train(
         )
         restarts, wall_before = ckpt.get("restarts", 0) + 1, ckpt.get("wall_time_s", 0.0)
         first_skipped = json.loads(ckpt.get("first_skipped", "[]"))
+        events = json.loads(ckpt.get("events", "{}"))
     rt.barrier()  # rank 0 may have replaced an old run (--overwrite): nobody writes before that is done
     if rt.rank == 0:
         save_config(cfg, run_dir / "config.yaml")
@@ -230,6 +234,7 @@ def train(
             extra = {
                 "skipped": guard.skipped,
                 "first_skipped": json.dumps(guard.first),
+                "events": json.dumps(events),
                 "history": json.dumps(history),
                 "config": json.dumps(config),
                 "restarts": restarts,
@@ -261,8 +266,11 @@ def train(
                 record = rec.end_step(step + 1)
                 done = step + 1
                 guard.record(done, result.skipped)
+                for name, count in result.solution.events.items():
+                    events[name] = events.get(name, 0) + count
                 if done % cfg.train.log_every == 0 or done == n_steps:
-                    counts = {"skipped_steps": guard.skipped, "restart": restarts}
+                    totals = {f"total/{name}": count for name, count in events.items()}
+                    counts = {"skipped_steps": guard.skipped, "restart": restarts, **totals}
                     sinks.write(done, {**record, **step_scalars(result, task_names), **counts})
                     bar.set_postfix(loss=f"{float(result.solution.losses.mean()):.4f}", skipped=guard.skipped)
                 bar.update(1)
@@ -282,6 +290,7 @@ def train(
             "resumed_from": start_step,
             "restarts": restarts,
             "skipped_steps": guard.skipped,
+            "events": events,  # run totals; on rank 0, which solves
             "wall_time_s": wall_time(),  # over every (re)start of the run
             "world_size": rt.world_size,
             "config": config,

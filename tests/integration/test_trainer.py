@@ -102,3 +102,22 @@ def test_non_finite_gramian_skips_and_counts(tmp_path: Path, monkeypatch: pytest
 def test_too_many_tasks_names_the_field(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="data.num_tasks"):
         train(_cfg(tmp_path, "data.tasks=binary", "data.num_tasks=500", "train.steps=1"))
+
+
+def test_solver_events_are_counted_on_every_step_not_only_logged_ones(tmp_path: Path) -> None:
+    """With an iteration cap of 1 on 8 tasks every min-norm solve stops unconverged: the run total in a
+    record logged every 3rd step must count the steps in between too."""
+    cfg = _cfg(
+        tmp_path,
+        "data.tasks=binary",
+        "data.num_tasks=8",
+        "balancer.max_iter=1",
+        "train.steps=7",
+        "train.log_every=3",
+    )
+    summary = train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "metrics" / "rank0.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "time/step" in r]
+    assert [r["step"] for r in steps] == [3, 6, 7]
+    assert [r["total/unconverged_solves"] for r in steps] == [3, 6, 7]
+    assert summary["events"]["unconverged_solves"] == 7
