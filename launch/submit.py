@@ -88,12 +88,16 @@ def log_folder(ns: argparse.Namespace, cfg: RunConfig) -> Path:
     return folder
 
 
-def check_before_submission(cfg: RunConfig, world_size: int) -> None:
-    """Reject a bad layout here rather than on the cluster (the config itself is checked at load)."""
-    if world_size > 1:
-        from dist_mtl.train import check_layout
+def check_before_submission(cfg: RunConfig, world_size: int, *, resume: bool, overwrite: bool) -> None:
+    """Reject what would fail on the cluster after the wait in the queue: the layout and the run
+    directory (the config itself is checked at load; the device only where the job runs)."""
+    from dist_mtl.rundir import prepare_run_dir
+    from dist_mtl.train import check_layout, check_run_dir
 
+    if world_size > 1:
         check_layout(cfg, world_size)
+    check_run_dir(cfg.run_dir)
+    prepare_run_dir(Path(cfg.run_dir), resume=resume, overwrite=overwrite, writer=False)
 
 
 def report(job: submitit.Job, cfg: RunConfig) -> int:
@@ -144,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config, overrides = split_config_and_overrides(ns.args)
         cfg = load_config(config, overrides)
-        check_before_submission(cfg, ns.nodes * ns.tasks_per_node if ns.executor != "debug" else 1)
+        world_size = ns.nodes * ns.tasks_per_node if ns.executor != "debug" else 1
+        check_before_submission(cfg, world_size, resume=ns.resume, overwrite=ns.overwrite)
         folder = log_folder(ns, cfg)
     except UserError as exc:
         print(f"dist-mtl: error: {exc}", file=sys.stderr)

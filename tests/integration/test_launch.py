@@ -90,6 +90,8 @@ def test_a_failed_job_reports_the_failing_rank_s_line(tmp_path: Path) -> None:
             "dist-mtl: error: engine.task_parallel K=3 does not divide the world size W=2",
         ),
         (["--folder", "logs/%j"], "dist-mtl: error: --folder logs/%j: the local executor does not expand %j"),
+        (["run_dir=/proc/no/run"], "dist-mtl: error: run_dir /proc/no/run is not writable"),
+        (["--resume", "--overwrite"], "dist-mtl: error: --resume and --overwrite contradict each other"),
     ],
 )
 def test_bad_input_fails_before_submission_in_one_line(tmp_path: Path, args: list[str], message: str) -> None:
@@ -97,3 +99,10 @@ def test_bad_input_fails_before_submission_in_one_line(tmp_path: Path, args: lis
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_a_run_dir_holding_a_run_fails_before_submission(tmp_path: Path) -> None:
+    (tmp_path / "summary.json").write_text("{}")
+    done = submit("--executor", "local", f"run_dir={tmp_path}", timeout=120)
+    assert done.returncode == 2 and f"run_dir {tmp_path} already holds a run" in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
