@@ -23,6 +23,7 @@ from dist_mtl.engine.fault import fault_injector
 from dist_mtl.engine.layout import Layout
 from dist_mtl.engine.protocols import Groups, StepContext, build_protocol, protocol_class
 from dist_mtl.engine.state import HeadShards, ReplicatedState
+from dist_mtl.engine.sync_norm import attach_norm_sync
 from dist_mtl.gradients import flatten_parameters
 from dist_mtl.models import MultiTaskModel
 
@@ -60,6 +61,7 @@ class Engine:
         checksum = ReplicaChecksum(
             flatten_parameters(model.shared_parameters()), self.comm, world, cfg.engine.checksum_every
         )
+        attach_norm_sync(model, cfg.engine.protocol, self.groups, self.comm, checksum)
         coordinator = Coordinator(balancer, self.comm, world, model.num_tasks, self.device)
         fault = fault_injector(self.rank, cfg.engine.timeout_s)
         if protocol_class(cfg.engine.protocol).mode == "rep":  # every rank holds every head

@@ -6,6 +6,10 @@ contribute their heads, everyone else zeros). Optimizer state of a head exists o
 at checkpoint time rank 0 gathers the owned heads' state from its task group and writes one
 checkpoint in the single-process format, so a run can resume on any layout, or on one process.
 `ReplicatedState` (rep): every rank holds everything, so rank 0's own state is the checkpoint.
+Both make BatchNorm running statistics consistent in `gather_model` (`dist_mtl.engine.sync_norm`):
+with `model.norm=batch` they are averaged over the ranks that normalise disjoint slices of the
+global batch (the replica group; the world for rep), so evaluation on every rank and the checkpoint
+use the same statistics.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dist_mtl.balancers import Balancer
 from dist_mtl.engine.comm import Comm
 from dist_mtl.engine.layout import Layout
 from dist_mtl.engine.protocols import Groups
+from dist_mtl.engine.sync_norm import average_running_stats
 from dist_mtl.gradients import flatten_parameters
 from dist_mtl.models import MultiTaskModel
 
@@ -31,7 +36,8 @@ class ReplicatedState:
         self.model, self.optimizer, self.balancer, self.comm = model, optimizer, balancer, comm
 
     def gather_model(self) -> None:
-        """Nothing to do: every rank holds every parameter."""
+        """Every rank holds every parameter; batch-norm running statistics are averaged over the world."""
+        average_running_stats(self.model)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -77,9 +83,11 @@ class HeadShards(ReplicatedState):
         self.foreign = [p for t in tasks if t not in owned for p in model.head_parameters(t)]
 
     def gather_model(self) -> None:
-        """Every rank of every task group gets the current value of every head."""
+        """Every rank of every task group gets the current value of every head; batch-norm running
+        statistics are averaged over the replica group."""
         self.flat.masked_fill_(~self.mask, 0.0)
         self.comm.all_reduce(self.flat, self.groups.task)
+        average_running_stats(self.model)
 
     def state_dict(self) -> dict[str, Any]:
         """The full single-process checkpoint on rank 0 (an empty dict elsewhere)."""
