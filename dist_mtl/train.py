@@ -50,8 +50,9 @@ def check_run_dir(run_dir: str) -> None:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as exc:
-        where = "" if existing == Path(run_dir).absolute() else f" (nearest existing parent: {existing})"
-        raise RunDirError(f"run_dir {run_dir} is not writable: {exc.strerror or exc}{where}") from None
+        raise RunDirError(
+            f"run_dir {run_dir} is not writable: cannot create a file in {existing} ({exc.strerror or exc})"
+        ) from None
 
 
 def preflight(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> torch.device:
