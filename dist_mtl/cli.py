@@ -198,7 +198,7 @@ def _report_failure(stderr: _Relay) -> None:
         for line in stderr.errors:
             print(line, file=sys.stderr, flush=True)
         return
-    cause = _ROOT_CAUSE.search(stderr.tail)
+    cause = _ROOT_CAUSE.search(stderr.tail.rpartition("Root Cause")[2])
     if cause:
         rank, code = cause.groups()
         print(

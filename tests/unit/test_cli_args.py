@@ -71,3 +71,18 @@ def test_celeba_shard_size_defaults_to_the_converter_s() -> None:
     from dist_mtl.data.celeba_convert import DEFAULT_SHARD_SIZE
 
     assert cli.parse_args(["data", "celeba", "a", "b"]).shard_size == DEFAULT_SHARD_SIZE
+
+
+def test_without_a_rank_line_the_root_cause_rank_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
+    """A rank killed before it could print: torchrun's root cause, not its first listed failure."""
+    relay = cli._Relay.__new__(cli._Relay)
+    relay.errors, relay.tail = (
+        [],
+        (
+            "Failures:\n[1]:\n  rank      : 0 (local_rank: 0)\n  exitcode  : -15 (pid: 1)\n"
+            "Root Cause (first observed failure):\n[0]:\n  rank      : 1 (local_rank: 1)\n"
+            "  exitcode  : 17 (pid: 2)\n"
+        ),
+    )
+    cli._report_failure(relay)
+    assert capsys.readouterr().err.startswith("dist-mtl: error: rank 1 exited with code 17")
