@@ -1,10 +1,16 @@
 """What a rank sends to the coordinator in `gather` / `sketch`: its losses and (compressed) task gradients.
 
-A payload is one flat tensor per rank: the T_max owned losses, bit-exact, then the encoded rows of
-the (T_max, P) task-gradient block (rows beyond the rank's own tasks are zero). The coordinator
-stacks the K payloads and turns them into the padded Gramian of the K * T_max rows. Lossless
-`none` sends the block itself (no copy); the lossy codecs only feed the Gramian, because the
-direction is then formed from exact local gradients (DESIGN section 2).
+A rank's payload is T_max encoded rows, one per owned task slot (rows beyond its own tasks are zero),
+and every row ends with that task's loss, bit-exact: [code(g_t) | L_t]. So the K payloads the
+coordinator gathers are one (K * T_max, width) matrix whose codes and losses are column slices,
+views rather than copies. Lossless `none` sends the rank's (T_max, P + 1) block itself and the
+coordinator forms G G^T and d = G c from views of what it received; the lossy codecs only feed the
+Gramian, because the direction is then formed from exact local gradients (DESIGN section 2).
+
+Memory the coordinator needs beyond the received rows is part of each codec's contract (README,
+tests/distributed/test_engine_memory.py): none nothing of size P; fp16 / bf16 a float32 copy of the
+received codes, CHUNK floats at a time; topk one densified row (P floats) and O(nnz); countsketch
+nothing of size P (its hashes take 8 bytes per parameter on every rank).
 """
 
 from __future__ import annotations
@@ -16,40 +22,60 @@ import torch
 from dist_mtl.engine.traffic import StepShape
 
 
-class DenseCodec:
-    """Rows in float32 (none: the block itself) or rounded to fp16 / bf16; losses bit-exact."""
+class RawCodec:
+    """`none`: the rows [g_t | L_t] in float32 as they are; no copy on either side."""
 
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
-        self.loss_slots = 4 // torch.empty((), dtype=dtype).element_size()  # float32 loss in 16-bit halves
+    dtype = torch.float32
+    lossless = True
 
-    @property
-    def lossless(self) -> bool:
-        return self.dtype == torch.float32
+    def __init__(self, params: int) -> None:
+        self.width = params + 1
 
-    def numel(self, rows: int, params: int) -> int:
-        return rows * self.loss_slots + rows * params
+    def encode(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows
 
-    def encode(self, losses: torch.Tensor, block: torch.Tensor, payload: torch.Tensor) -> torch.Tensor:
-        """`payload` is the float32 [losses, block] slice of the rank's buffer; returns what to send."""
-        if self.lossless:
-            return payload
-        return torch.cat([losses.view(self.dtype), block.reshape(-1).to(self.dtype)])
+    def decode(self, wire: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(losses, gradient rows) of the (R, P + 1) received rows: both views."""
+        return wire[:, -1], wire[:, :-1]
 
-    def decode(self, wire: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(losses (K*rows,), gradient rows (K*rows, P) float32) from the stacked (K, numel) payloads."""
-        k = wire.shape[0]
-        head = rows * self.loss_slots
-        losses = wire[:, :head].contiguous().view(torch.float32).reshape(k * rows)
-        return losses, wire[:, head:].reshape(k * rows, -1).to(torch.float32)
-
-    def gramian(self, wire: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        losses, grads = self.decode(wire, rows)
+    def gramian(self, wire: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        losses, grads = self.decode(wire)
         return grads @ grads.T, losses
 
 
+CHUNK = 1 << 22  # float32 elements (16 MiB) of 16-bit codes the coordinator widens at a time
+
+
+class HalfCodec:
+    """`fp16` / `bf16`: each row rounded to 16 bits, then its float32 loss as two 16-bit halves."""
+
+    lossless = False
+
+    def __init__(self, dtype: torch.dtype, params: int) -> None:
+        self.dtype, self.params = dtype, params
+        self.width = params + 2
+
+    def encode(self, rows: torch.Tensor) -> torch.Tensor:
+        wire = torch.empty(rows.shape[0], self.width, dtype=self.dtype, device=rows.device)
+        wire[:, : self.params].copy_(rows[:, :-1])  # rounds in place: no float32 temporary
+        wire[:, self.params :].copy_(rows[:, -1:].contiguous().view(self.dtype))
+        return wire
+
+    def gramian(self, wire: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Gramian in float32, summed over column blocks widened CHUNK elements at a time, so the
+        coordinator never holds a float32 copy of all R x P codes."""
+        rows = wire.shape[0]
+        columns = max(1, CHUNK // rows)
+        gramian = torch.zeros(rows, rows, device=wire.device)
+        for start in range(0, self.params, columns):  # P / columns blocks, not a loop over parameters
+            block = wire[:, start : min(start + columns, self.params)].to(torch.float32)
+            gramian.addmm_(block, block.T)
+        return gramian, wire[:, self.params :].contiguous().view(torch.float32).view(-1)
+
+
 class TopKCodec:
-    """The ceil(ratio * P) largest-magnitude coordinates of every row: values, then int32 indices as bits."""
+    """The ceil(ratio * P) largest-magnitude coordinates of each row: values, sorted int32 indices (as
+    float32 bits), loss."""
 
     dtype = torch.float32
     lossless = False
@@ -59,23 +85,33 @@ class TopKCodec:
             raise ValueError(f"engine.compression 'topk' indexes with int32; P={params} is too large")
         self.params = params
         self.count = topk_count(params, ratio)
+        self.width = 2 * self.count + 1
 
-    def numel(self, rows: int, params: int) -> int:
-        return rows + 2 * rows * self.count
+    def encode(self, rows: torch.Tensor) -> torch.Tensor:
+        c = self.count
+        wire = torch.empty(rows.shape[0], self.width, device=rows.device)
+        index = wire[:, c : 2 * c].view(torch.int32)
+        for i, row in enumerate(rows[:, :-1]):  # one row at a time: |g| needs P floats, not T_max x P
+            top = row.abs().topk(c, sorted=False).indices.sort().values
+            index[i].copy_(top)
+            torch.index_select(row, 0, top, out=wire[i, :c])
+        wire[:, -1].copy_(rows[:, -1])
+        return wire
 
-    def encode(self, losses: torch.Tensor, block: torch.Tensor, payload: torch.Tensor) -> torch.Tensor:
-        index = block.abs().topk(self.count, dim=1, sorted=False).indices
-        values = block.gather(1, index)
-        return torch.cat([losses, values.reshape(-1), index.to(torch.int32).view(torch.float32).reshape(-1)])
-
-    def gramian(self, wire: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k, n = wire.shape[0], rows * self.count
-        losses = wire[:, :rows].reshape(k * rows)
-        values = wire[:, rows : rows + n].reshape(k * rows, self.count)
-        index = wire[:, rows + n :].contiguous().view(torch.int32).reshape(k * rows, self.count).long()
-        dense = torch.zeros(k * rows, self.params, dtype=wire.dtype, device=wire.device)
-        dense.scatter_(1, index, values)
-        return dense @ dense.T, losses
+    def gramian(self, wire: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """M_ij = <g^_i, g^_j> from the sparse rows: densify one row at a time into a P-float scratch and
+        read every row's coordinates from it (R gathers of R x k), never the R x P dense matrix."""
+        c, rows = self.count, wire.shape[0]
+        values = wire[:, :c]
+        index = wire[:, c : 2 * c].view(torch.int32).long()
+        scratch = torch.zeros(self.params, device=wire.device)
+        gramian = torch.empty(rows, rows, device=wire.device)
+        for i in range(rows):
+            scratch.index_copy_(0, index[i], values[i])
+            torch.sum(scratch[index] * values, dim=1, out=gramian[i])
+            scratch.index_fill_(0, index[i], 0.0)
+        upper = gramian.triu()  # each entry summed twice in different orders: keep one, exactly symmetric
+        return upper + upper.triu(1).T, wire[:, -1]
 
 
 class CountSketchCodec:
@@ -87,26 +123,46 @@ class CountSketchCodec:
     def __init__(self, size: int, seed: int, params: int, device: torch.device) -> None:
         gen = torch.Generator().manual_seed(seed)
         self.size = size
-        self.bucket = torch.randint(0, size, (params,), generator=gen).to(device)
+        self.width = size + 1
+        # int32 buckets (index_add_ takes them as they are) and float32 signs (an int8 sign would be
+        # cast to a P-float temporary by every in-place multiply): 8 bytes per parameter.
+        self.bucket = torch.randint(0, size, (params,), generator=gen).to(device, torch.int32)
         self.sign = (torch.randint(0, 2, (params,), generator=gen) * 2 - 1).to(device, torch.float32)
 
-    def numel(self, rows: int, params: int) -> int:
-        return rows + rows * self.size
+    def encode(self, rows: torch.Tensor) -> torch.Tensor:
+        """Sketch every row into the wire. The signs are applied to the rows in place and undone
+        afterwards (multiplying by +-1 twice is exact), so no T_max x P signed copy is made."""
+        wire = torch.zeros(rows.shape[0], self.width, device=rows.device)
+        grads = rows[:, :-1]
+        grads.mul_(self.sign)
+        wire[:, :-1].index_add_(1, self.bucket, grads)
+        grads.mul_(self.sign)
+        wire[:, -1].copy_(rows[:, -1])
+        return wire
 
-    def sketch(self, block: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(block.shape[0], self.size, dtype=block.dtype, device=block.device)
-        return out.index_add_(1, self.bucket, block * self.sign)
-
-    def encode(self, losses: torch.Tensor, block: torch.Tensor, payload: torch.Tensor) -> torch.Tensor:
-        return torch.cat([losses, self.sketch(block).reshape(-1)])
-
-    def gramian(self, wire: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k = wire.shape[0]
-        sketches = wire[:, rows:].reshape(k * rows, self.size)
-        return sketches @ sketches.T, wire[:, :rows].reshape(k * rows)
+    def gramian(self, wire: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sketches = wire[:, :-1]
+        return sketches @ sketches.T, wire[:, -1]
 
 
-Codec = DenseCodec | TopKCodec | CountSketchCodec
+Codec = RawCodec | HalfCodec | TopKCodec | CountSketchCodec
+
+
+def build_codec(
+    name: str, *, params: int, topk_ratio: float, sketch_size: int, sketch_seed: int, device: torch.device
+) -> Codec:
+    """The codec of engine.compression `name` (protocol `sketch` uses `countsketch`)."""
+    if name == "none":
+        return RawCodec(params)
+    if name == "fp16":
+        return HalfCodec(torch.float16, params)
+    if name == "bf16":
+        return HalfCodec(torch.bfloat16, params)
+    if name == "topk":
+        return TopKCodec(topk_ratio, params)
+    if name == "countsketch":
+        return CountSketchCodec(sketch_size, sketch_seed, params, device)
+    raise ValueError(f"engine.compression must be one of none, fp16, bf16, topk, countsketch; got {name!r}")
 
 
 def topk_count(params: int, ratio: float) -> int:
@@ -115,29 +171,12 @@ def topk_count(params: int, ratio: float) -> int:
 
 
 def payload_bytes(compression: str, s: StepShape) -> int:
-    """Bytes one rank sends to the coordinator per step: `numel` of the codec times its element size."""
+    """Bytes one rank sends to the coordinator per step: T_max rows of the codec's width."""
     rows, p = max(s.split), s.params
     if compression == "none":
-        return 4 * (rows + rows * p)
+        return 4 * rows * (p + 1)
     if compression in ("fp16", "bf16"):
-        return 2 * (2 * rows + rows * p)  # losses travel bit-exact as two 16-bit halves
+        return 2 * rows * (p + 2)  # the float32 loss travels bit-exact as two 16-bit halves
     if compression == "topk":
-        return 4 * (rows + 2 * rows * topk_count(p, s.topk_ratio))
-    return 4 * (rows + rows * s.sketch_size)
-
-
-def build_codec(
-    name: str, *, params: int, topk_ratio: float, sketch_size: int, sketch_seed: int, device: torch.device
-) -> Codec:
-    """The codec of engine.compression `name` (protocol `sketch` uses `countsketch`)."""
-    if name == "none":
-        return DenseCodec(torch.float32)
-    if name == "fp16":
-        return DenseCodec(torch.float16)
-    if name == "bf16":
-        return DenseCodec(torch.bfloat16)
-    if name == "topk":
-        return TopKCodec(topk_ratio, params)
-    if name == "countsketch":
-        return CountSketchCodec(sketch_size, sketch_seed, params, device)
-    raise ValueError(f"engine.compression must be one of none, fp16, bf16, topk, countsketch; got {name!r}")
+        return 4 * rows * (2 * topk_count(p, s.topk_ratio) + 1)
+    return 4 * rows * (s.sketch_size + 1)

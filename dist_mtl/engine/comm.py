@@ -4,7 +4,8 @@ It runs the collective on a named group, times it, accounts the bytes this rank 
 (the algorithm models in `traffic`) to the open phase of the step's recorder, and turns a failure
 (a dead peer closes its sockets; a stalled one trips the group's timeout) into a `CollectiveError`
 that names the operation, the group, the step and the timeout. Groups of one rank need no
-communication, so their collectives are local copies and never touch torch.distributed.
+communication, so their collectives never touch torch.distributed, and the collectives that return
+what they received (gather, all-to-all) return the rank's own tensor instead of copying it.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ class Comm:
     def all_gather(self, out: torch.Tensor, tensor: torch.Tensor, group: Group) -> None:
         """`out` (size x numel) receives every rank's `tensor` in group order."""
         if group.size == 1:
-            out.copy_(tensor.reshape(out.shape))
+            if out.data_ptr() != tensor.data_ptr():  # the caller may already have written into `out`
+                out.copy_(tensor.reshape(out.shape))
             return
         moved = traffic.all_gather_bytes(_nbytes(tensor), group.size)
         self._run(
@@ -112,34 +114,52 @@ class Comm:
             moved,
         )
 
-    def gather(self, tensor: torch.Tensor, out: torch.Tensor | None, group: Group, dst: int = 0) -> None:
-        """Group rank `dst` receives every rank's equally sized `tensor` into `out` (size x numel)."""
+    def gather(
+        self, tensor: torch.Tensor, out: torch.Tensor | None, group: Group, dst: int = 0
+    ) -> torch.Tensor | None:
+        """Group rank `dst` receives every rank's equally sized `tensor` into `out` (size x numel) and
+        gets it back (None elsewhere); in a group of one that is `tensor` itself, seen as 1 x numel.
+
+        Point-to-point receives straight into the rows of `out` (gloo's gather stages the whole
+        output in a temporary of the same size first). The root's own row is copied only if
+        `tensor` is not already that row of `out`.
+        """
         if group.size == 1:
-            if out is not None:
-                out.copy_(tensor.reshape(out.shape))
-            return
-        is_root = group.index(self.rank) == dst
-        chunks = list(out.reshape(group.size, -1).unbind(0)) if is_root and out is not None else None
-        moved = traffic.gather_bytes(_nbytes(tensor), group.size, is_root)
-        self._run(
-            "gather",
-            group,
-            lambda: dist.gather(tensor.reshape(-1), chunks, group=group.pg, group_dst=dst),
-            moved,
-        )
+            return tensor.view(1, -1)
+        index = group.index(self.rank)
+        moved = traffic.gather_bytes(_nbytes(tensor), group.size, index == dst)
+        if index != dst:
+            self._run("gather", group, lambda: dist.send(tensor, group=group.pg, group_dst=dst), moved)
+            return None
+        if out is None:
+            raise ValueError("the root of a gather needs an output buffer")
+        rows = out.view(group.size, -1)
+
+        def receive() -> None:
+            works = [dist.irecv(rows[j], group=group.pg, group_src=j) for j in range(group.size) if j != dst]
+            if rows[dst].data_ptr() != tensor.data_ptr():
+                rows[dst].copy_(tensor.reshape(-1))
+            for work in works:
+                work.wait()
+
+        self._run("gather", group, receive, moved)
+        return out
 
     def all_to_all(
         self,
-        out: torch.Tensor,
+        out: torch.Tensor | None,
         tensor: torch.Tensor,
         out_splits: Sequence[int],
         in_splits: Sequence[int],
         group: Group,
-    ) -> None:
-        """Block j of `tensor` (in_splits[j] elements) goes to group rank j; `out` gets the blocks."""
+    ) -> torch.Tensor:
+        """Block j of `tensor` (in_splits[j] elements) goes to group rank j; `out` receives the blocks
+        and is returned. In a group of one the rank keeps its only block: `tensor` itself is returned
+        (`out` may be None)."""
         if group.size == 1:
-            out.copy_(tensor)
-            return
+            return tensor
+        if out is None:
+            raise ValueError("all_to_all over more than one rank needs an output buffer")
         size = tensor.element_size()
         moved = traffic.all_to_all_bytes(
             [size * n for n in in_splits], [size * n for n in out_splits], group.index(self.rank)
@@ -150,6 +170,7 @@ class Comm:
             lambda: dist.all_to_all_single(out, tensor, list(out_splits), list(in_splits), group=group.pg),
             moved,
         )
+        return out
 
     def gather_object(self, obj: Any, group: Group, dst: int = 0) -> list[Any] | None:
         """Pickled objects to group rank `dst` (checkpoint time only, so no bytes are accounted)."""

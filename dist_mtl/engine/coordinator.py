@@ -32,7 +32,8 @@ class Coordinator:
         """(host Solution, device coefficients); `gramian` and `losses` are read on rank 0 only."""
         t = self.num_tasks
         if self.is_coordinator:
-            assert gramian is not None and losses is not None
+            if gramian is None or losses is None:
+                raise ValueError("the coordinator (global rank 0) needs the Gramian and the losses to solve")
             with rec.phase("solve"):
                 solution = solve_on_host(self.balancer, gramian, losses)
                 flag = torch.tensor([float(solution.skipped)], dtype=torch.float64)

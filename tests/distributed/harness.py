@@ -1,4 +1,5 @@
-"""Launching W real processes on a free localhost port, and comparing checkpoints with a tolerance."""
+"""Launching W real processes on a free localhost port, comparing checkpoints with a tolerance, and the
+count-sketch matrix rebuilt independently of the engine's codec."""
 
 from __future__ import annotations
 
@@ -190,3 +191,14 @@ def compare(actual: Any, expected: Any, where: str = "") -> list[str]:
 
 def read_jsonl(path: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def sketch_matrix(params: int, m: int, seed: int) -> torch.Tensor:
+    """S (m x P) with S[h(p), p] = s(p), drawn from the shared seed as the codec documents (buckets, then
+    signs): the tests form (S G)(S G)^T with it, independently of the codec's arithmetic."""
+    gen = torch.Generator().manual_seed(seed)
+    bucket = torch.randint(0, m, (params,), generator=gen)
+    sign = torch.randint(0, 2, (params,), generator=gen) * 2 - 1
+    s = torch.zeros(m, params, dtype=torch.float64)
+    s[bucket, torch.arange(params)] = sign.double()
+    return s

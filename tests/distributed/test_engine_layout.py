@@ -11,9 +11,10 @@ import torch.distributed as dist
 
 from dist_mtl.config import ConfigError, load_config
 from dist_mtl.engine import traffic
-from dist_mtl.engine.codecs import build_codec
+from dist_mtl.engine.codecs import build_codec, payload_bytes
 from dist_mtl.engine.layout import Layout, balanced_split, check_engine_config, resolve_layout
 from dist_mtl.train import run_distributed
+from tests.distributed.harness import sketch_matrix
 
 TINY = [
     "data.name=synthetic",
@@ -153,27 +154,32 @@ def test_step_bytes_conserve_and_match_the_readme_formula(protocol: str, layout:
 
 
 def test_codecs() -> None:
+    """Every codec: rows [g_t | L_t] in, the wire's size as `payload_bytes` says, losses bit-exact, the
+    gradients untouched, and the Gramian each one defines (count-sketch: (S G)(S G)^T exactly)."""
     torch.manual_seed(0)
     grads, losses = torch.randn(3, 50), torch.rand(3)
-    payload = torch.cat([losses, grads.reshape(-1)])
-    none = build_codec(
-        "none", params=50, topk_ratio=0.1, sketch_size=8, sketch_seed=0, device=torch.device("cpu")
-    )
-    assert none.encode(losses, grads, payload) is payload  # lossless gather sends the buffer itself
+    rows = torch.cat([grads, losses[:, None]], dim=1)
+    cpu = torch.device("cpu")
+    none = build_codec("none", params=50, topk_ratio=0.1, sketch_size=8, sketch_seed=0, device=cpu)
+    assert none.encode(rows) is rows  # lossless gather sends the block itself
+    sketched = grads.double() @ sketch_matrix(50, 4096, 0).T
+    expected = {"countsketch": sketched @ sketched.T}
     for name in ("none", "fp16", "bf16", "topk", "countsketch"):
-        codec = build_codec(
-            name, params=50, topk_ratio=1.0, sketch_size=4096, sketch_seed=0, device=torch.device("cpu")
-        )
-        wire = codec.encode(losses, grads, payload)
-        assert wire.numel() == codec.numel(3, 50)
-        gramian, got_losses = codec.gramian(torch.stack([wire, wire]), 3)
+        codec = build_codec(name, params=50, topk_ratio=1.0, sketch_size=4096, sketch_seed=0, device=cpu)
+        before = rows.clone()
+        wire = codec.encode(rows)
+        assert torch.equal(rows, before), name  # count-sketch flips signs in place, and back exactly
+        shape = traffic.StepShape(params=50, split=(3,), compression=name, topk_ratio=1.0, sketch_size=4096)
+        assert wire.numel() * wire.element_size() == payload_bytes(name, shape), name
+        gramian, got_losses = codec.gramian(torch.cat([wire, wire]))
         assert torch.equal(got_losses, torch.cat([losses, losses]))  # losses travel bit-exact
         assert gramian.shape == (6, 6)
-        tol = {"fp16": 1e-2, "bf16": 1e-1, "countsketch": 30.0}.get(name, 1e-4)
-        assert torch.allclose(gramian[:3, :3], grads @ grads.T, atol=tol), name
-    topk = build_codec(
-        "topk", params=50, topk_ratio=0.1, sketch_size=8, sketch_seed=0, device=torch.device("cpu")
-    )
-    gramian, _ = topk.gramian(topk.encode(losses, grads, payload)[None], 3)
-    kept = grads.abs().topk(5, dim=1).values.square().sum(1)
-    assert torch.allclose(gramian.diagonal(), kept)
+        tol = {"fp16": 1e-2, "bf16": 1e-1}.get(name, 1e-4)
+        want = expected.get(name, (grads @ grads.T).double())
+        assert torch.allclose(gramian[:3, :3].double(), want, rtol=1e-5, atol=tol), name
+    topk = build_codec("topk", params=50, topk_ratio=0.1, sketch_size=8, sketch_seed=0, device=cpu)
+    gramian, _ = topk.gramian(topk.encode(rows))
+    index = grads.abs().topk(5, dim=1).indices
+    kept = torch.zeros_like(grads).scatter_(1, index, grads.gather(1, index))
+    assert torch.allclose(gramian, kept @ kept.T, atol=1e-5)
+    assert torch.equal(gramian, gramian.T)

@@ -3,8 +3,10 @@
 `python worker.py SPEC.json` with RANK / WORLD_SIZE / MASTER_* set. SPEC lists cases, each a list of
 config overrides (every case writes its own run directory); cases with `resume_at` first train to
 that step, then resume to train.steps in a second call. A case of kind `divergence` perturbs one
-rank's shared parameters and records what the replica checksum reports. Meshes are built once per
-layout and shared by the cases that use it, so one launch covers many (layout, balancer, protocol).
+rank's shared parameters and records what the replica checksum reports; a case of kind `memory`
+builds the step as the trainer does and records the rank's tensor memory around two steps (see
+`measure_memory`). Meshes are built once per layout and shared by the cases that use it, so one
+launch covers many (layout, balancer, protocol).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dist_mtl.build import build_datasets, build_model_for
+from dist_mtl.build import build_balancer_for, build_datasets, build_model_for, build_optimizer
 from dist_mtl.config import load_config
 from dist_mtl.engine.checksum import ReplicaChecksum, ReplicaDivergenceError
 from dist_mtl.engine.comm import Comm
@@ -28,7 +30,7 @@ from dist_mtl.engine.layout import resolve_layout
 from dist_mtl.engine.runtime import Engine, mesh_groups
 from dist_mtl.gradients import flatten_parameters
 from dist_mtl.observe import StepRecorder
-from dist_mtl.trainer import train
+from dist_mtl.trainer import batch_indices, train
 
 CPU = torch.device("cpu")
 
@@ -46,12 +48,13 @@ def run_case(case: dict[str, Any], world_size: int, meshes: dict[tuple[int, int]
             cfg.run_dir, build_model_for(cfg, datasets[0]), mesh_groups(mesh, layout, dist.get_rank())
         )
         return
+    if case.get("kind") == "memory":
+        measure_memory(cfg, Engine(cfg, layout, mesh, CPU), datasets[0])
+        return
     if case.get("resume_at"):
         first = load_config(None, [*case["overrides"], f"train.steps={case['resume_at']}"])
         train(first, backend=Engine(first, layout, mesh, CPU), datasets=datasets)
-    train(
-        cfg, resume=bool(case.get("resume_at")), backend=Engine(cfg, layout, mesh, CPU), datasets=datasets
-    )
+    train(cfg, resume=bool(case.get("resume_at")), backend=Engine(cfg, layout, mesh, CPU), datasets=datasets)
 
 
 def check_divergence(run_dir: str, model: torch.nn.Module, groups: Any) -> None:
@@ -71,6 +74,57 @@ def check_divergence(run_dir: str, model: torch.nn.Module, groups: Any) -> None:
     out = Path(run_dir) / f"rank{rank}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"message": message}))
+
+
+def measure_memory(cfg: Any, engine: Engine, train_set: Any, steps: int = 2) -> None:
+    """Bytes of tensor memory this rank holds while stepping, from real allocations.
+
+    Everything from building the model to the last step runs under `torch.profiler` with
+    `profile_memory=True`, which reports every CPU allocation and free made on this thread (where
+    every engine operation runs; gloo's own worker threads are not included). The running sum of
+    those events is the memory allocated since the window opened and still live; the largest value
+    inside each step, less the model's parameters, is what the engine (buffers built by `make_step`
+    plus the step's temporaries) and the step's autograd temporaries cost. Writes rank{R}.json.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    idx = batch_indices(len(train_set), cfg.data.batch_size, cfg.seed, 0)
+    x, y = train_set.x[idx], train_set.y[idx]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model = build_model_for(cfg, train_set)
+        optimizer = build_optimizer(cfg, list(model.parameters()))
+        with record_function("build"):
+            step = engine.make_step(cfg, model, build_balancer_for(cfg), optimizer)
+        for _ in range(steps):
+            with record_function("step"):
+                step(x, y, StepRecorder())
+    events = prof.profiler.kineto_results.events()
+    memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    steps = [(e.start_ns(), e.end_ns()) for e in events if e.name() == "step"]
+    (_, built), *_ = [(e.start_ns(), e.end_ns()) for e in events if e.name() == "build"]
+    live, timeline = 0, []
+    for at, nbytes in memory:
+        live += nbytes
+        timeline.append((at, live))
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def peak(start: int, end: int) -> int:
+        return max((v for t, v in timeline if start <= t <= end), default=0) - model_bytes
+
+    after_build = next((v for t, v in reversed(timeline) if t <= built), 0)
+    out = Path(cfg.run_dir) / f"rank{dist.get_rank()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "model_bytes": model_bytes,
+                "built_bytes": after_build - model_bytes,
+                "step_peak_bytes": [peak(start, end) for start, end in steps],
+                "shared_params": sum(p.numel() for p in model.shared_parameters()),
+                "largest_shared": max(p.numel() for p in model.shared_parameters()),
+            }
+        )
+    )
 
 
 def main() -> int:

@@ -7,7 +7,8 @@ run the protocol's exchange, and step the optimizer. Heads of other ranks' tasks
 `.grad = None`, so the optimizer neither updates them nor allocates state for them.
 
 A subclass decides where the owned task gradients live (`make_block`: its buffer layout inside the
-rank's one flat buffer) and how they become d (`exchange`); this class does the rest.
+rank's one flat buffer, optionally followed by a receive area, `tail_numel`) and how they become d
+(`exchange`); this class does the rest.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class TaskParallelProtocol(Protocol):
         layout, model = ctx.layout, ctx.model
         self.model, self.optimizer, self.comm, self.groups = model, ctx.optimizer, ctx.comm, ctx.groups
         self.coordinator, self.checksum, self.fault = ctx.coordinator, ctx.checksum, ctx.fault
+        self.engine_cfg = ctx.cfg.engine
         self.replicas, self.k_size, self.num_tasks = layout.replicas, layout.task_parallel, layout.num_tasks
         self.replica, self.k = layout.coords(ctx.comm.rank)
         self.owned = layout.tasks_of(self.k)
@@ -56,9 +58,9 @@ class TaskParallelProtocol(Protocol):
         self.params = sum(p.numel() for p in self.shared)
         self.device = self.shared[0].device
         heads = sum(p.numel() for p in self.owned_heads)
-        # [owned head grads | the protocol's block]: the replica average is one all-reduce of the
-        # prefix that holds real data.
-        flat = torch.zeros(heads + self.block_numel(), device=self.device)
+        # [owned head grads | the protocol's block | its tail]: the replica average is one all-reduce
+        # of the prefix that holds real data.
+        flat = torch.zeros(heads + self.block_numel() + self.tail_numel(), device=self.device)
         self.head_grad = FlatGradBuffer(self.owned_heads, out=flat[:heads])
         direction = torch.zeros(self.direction_numel(), device=self.device)
         self.shared_grad = FlatGradBuffer(self.shared, out=direction)
@@ -69,13 +71,18 @@ class TaskParallelProtocol(Protocol):
     def block_numel(self) -> int:
         """Elements of the rank's block (losses and task gradients)."""
 
+    def tail_numel(self) -> int:
+        """Elements right after the block, for what the protocol receives next to its own rows."""
+        return 0
+
     def direction_numel(self) -> int:
         """Elements of the shared gradient buffer (P, or more when the layout pads it)."""
         return self.params
 
     @abstractmethod
     def make_block(self, flat: torch.Tensor, direction: torch.Tensor) -> TaskBlock:
-        """Lay the losses and the owned task gradients out in `flat` (`block_numel` elements)."""
+        """Lay the losses and the owned task gradients out in `flat` (`block_numel` elements, then
+        `tail_numel` more)."""
 
     @abstractmethod
     def exchange(self, rec: StepRecorder) -> Solution:

@@ -1,10 +1,16 @@
 """Protocols `gather` and `sketch`: every task group's payloads gathered on the coordinator.
 
-Each rank of replica 0 sends its losses and (raw or compressed) task-gradient rows; the coordinator
-forms the Gramian of the K * T_max gathered rows and solves. Lossless (`gather` without compression):
-the coordinator also forms d = G c from the rows it holds and broadcasts it. Lossy (`gather` with
+Each rank of replica 0 sends its T_max rows [code(g_t) | L_t] (see `codecs`); the coordinator forms
+the Gramian of the K * T_max gathered rows and solves. Lossless (`gather` without compression): the
+coordinator also forms d = G c from the rows it holds and broadcasts it. Lossy (`gather` with
 engine.compression, and `sketch`, which is gather with the count-sketch codec): c is broadcast and d
 is the all-reduce of sum over owned t of c_t g_t, formed from exact local gradients (DESIGN section 2).
+
+The rank's block is (T_max, P + 1) rows [g_t | L_t], so lossless `gather` sends it as it is. The
+coordinator's block is the first of the K blocks it gathers (the others are received right after it,
+in the same buffer), and G, the losses and d = G c are views of that buffer: beyond the
+K x T_max x (P + 1) floats of the gathered rows it holds nothing of size P but d. With K = 1 nothing
+is received: the block it holds is the whole payload.
 """
 
 from __future__ import annotations
@@ -38,13 +44,9 @@ class GatherProtocol(TaskParallelProtocol):
             sketch_seed=e.sketch_seed,
             device=self.device,
         )
-        self.is_root = self.coordinator.is_coordinator
-        width = self.codec.numel(self.t_max, self.params)
-        self.received = (
-            torch.zeros(self.k_size, width, dtype=self.codec.dtype, device=self.device)
-            if self.is_root
-            else None
-        )
+        if self.gathered is None and self.is_root and self.k_size > 1:  # lossy: the codes apart
+            shape = (self.k_size * self.t_max, self.codec.width)
+            self.gathered = torch.zeros(shape, dtype=self.codec.dtype, device=self.device)
         # Rows of real tasks among the K * T_max gathered rows (the rest is padding).
         self.index = torch.tensor(
             [j * self.t_max + i for j in range(self.k_size) for i in range(self.split[j])], device=self.device
@@ -56,18 +58,33 @@ class GatherProtocol(TaskParallelProtocol):
         """The codec this protocol runs: its own (`sketch`) or engine.compression."""
         return cls.codec_name or configured
 
+    @property
+    def is_root(self) -> bool:
+        return self.coordinator.is_coordinator
+
+    @property
+    def gathers_in_place(self) -> bool:
+        """Lossless on the coordinator of K > 1: the other ranks' rows are received after its own."""
+        lossless = self.compression(self.engine_cfg.compression) == "none"
+        return lossless and self.is_root and self.k_size > 1
+
     def block_numel(self) -> int:
-        return self.t_max + self.t_max * self.params
+        return self.t_max * (self.params + 1)
+
+    def tail_numel(self) -> int:
+        return (self.k_size - 1) * self.block_numel() if self.gathers_in_place else 0
 
     def make_block(self, flat: torch.Tensor, direction: torch.Tensor) -> TaskBlock:
-        """[losses (T_max) | grads (T_max, P)]: every rank pads to T_max rows so the gathered payloads
-        are equal in size; task i's slot is row i."""
-        grads = flat[self.t_max :].view(self.t_max, self.params)
-        self.payload = flat
+        """(T_max, P + 1) rows [g_t | L_t]: every rank pads to T_max rows so the gathered payloads are
+        equal in size; task i's slot is the gradient part of row i."""
+        gathered = flat.view(-1, self.params + 1)
+        self.gathered = gathered if self.gathers_in_place else None
+        self.rows = gathered[: self.t_max]
+        grads = self.rows[:, :-1]
         return TaskBlock(
-            losses=flat[: self.t_max],
+            losses=self.rows[:, -1],
             grads=grads,
-            filled=self.t_max + self.mine * self.params,
+            filled=self.mine * (self.params + 1),
             slots=list(grads.unbind(0)),
             direction=direction,
             source=direction,
@@ -78,17 +95,18 @@ class GatherProtocol(TaskParallelProtocol):
         gramian = losses = rows = None
         if self.replica == 0:
             with rec.phase("exchange"):
-                wire = self.codec.encode(b.losses, b.grads, self.payload)
-                self.comm.gather(wire, self.received, self.groups.task, dst=0)
-        if self.received is not None:
-            with rec.phase("solve"):
-                if self.codec.lossless:
-                    padded_losses, rows = self.codec.decode(self.received, self.t_max)
-                    padded = rows @ rows.T
-                else:
-                    padded, padded_losses = self.codec.gramian(self.received, self.t_max)
-                gramian = padded.index_select(0, self.index).index_select(1, self.index)
-                losses = padded_losses.index_select(0, self.index)
+                # The encoded rows live only through the gather (the coordinator keeps its copy).
+                received = self.comm.gather(
+                    self.codec.encode(self.rows), self.gathered, self.groups.task, dst=0
+                )
+            if received is not None:  # the coordinator
+                with rec.phase("solve"):
+                    gathered = received.view(self.k_size * self.t_max, self.codec.width)
+                    padded, padded_losses = self.codec.gramian(gathered)
+                    if self.codec.lossless:
+                        rows = gathered[:, :-1]  # the gathered gradients, a view
+                    gramian = padded.index_select(0, self.index).index_select(1, self.index)
+                    losses = padded_losses.index_select(0, self.index)
         solution, c = self.coordinator.solve(gramian, losses, rec)
         if solution.skipped:
             return solution
@@ -118,7 +136,7 @@ class GatherProtocol(TaskParallelProtocol):
             else all_reduce_bytes(F32 * shape.params, shape.k)
         )
         return total(
-            cls.replica_bytes(shape, rank, max(shape.split) + shape.split[k] * shape.params),
+            cls.replica_bytes(shape, rank, shape.split[k] * (shape.params + 1)),
             gather_bytes(payload, shape.k, k == 0) if r == 0 else (0, 0),
             solution_bytes(shape, rank),
             direction,

@@ -4,6 +4,8 @@ The flat shared gradient is split into K shards of S = ceil(P/K); an all-to-all 
 shard k of every task gradient; its partial Gramian G_k^T G_k and the owned losses are reduced to
 the coordinator in one T^2 + T buffer; the coordinator solves and broadcasts c; rank k forms shard k
 of d = G c and an all-gather assembles d. Traffic about (T/K + 1)(K - 1)/K P floats each way per rank.
+Only replica 0 forms and reduces the partial Gramians (the other replicas hold the same shards); with
+K = 1 the rank's own block is every shard, so nothing is received or copied and d is formed in place.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ class GramianProtocol(TaskParallelProtocol):
         t, shard = self.num_tasks, self.shard
         self.in_splits = [self.mine * shard] * self.k_size
         self.out_splits = [n * shard for n in self.split]
-        self.received = torch.zeros(t * shard, device=self.device)
+        alone = self.k_size == 1
+        self.received = None if alone else torch.zeros(t * shard, device=self.device)
         # Partial Gramian and the owned losses (zeros elsewhere) travel in one reduce.
-        self.partial = torch.zeros(t * t + t, device=self.device)
-        self.d_shard = torch.zeros(shard, device=self.device)
+        self.partial = torch.zeros(t * t + t, device=self.device) if self.replica == 0 else None
+        self.d_shard = self.block.direction if alone else torch.zeros(shard, device=self.device)
 
     @property
     def shard(self) -> int:
@@ -59,17 +62,20 @@ class GramianProtocol(TaskParallelProtocol):
     def exchange(self, rec: StepRecorder) -> Solution:
         b, t, task = self.block, self.num_tasks, self.groups.task
         with rec.phase("exchange"):
-            self.comm.all_to_all(self.received, b.grads.view(-1), self.out_splits, self.in_splits, task)
-        shards = self.received.view(t, self.shard)
-        with rec.phase("solve"):
-            torch.mm(shards, shards.T, out=self.partial[: t * t].view(t, t))
-            losses = self.partial[t * t :]
-            losses.zero_()
-            losses[self.owned.start : self.owned.stop] = b.losses[: self.mine]
-        if self.replica == 0:
+            received = self.comm.all_to_all(
+                self.received, b.grads.view(-1), self.out_splits, self.in_splits, task
+            )
+        shards = received.view(t, self.shard)
+        gramian = losses = None
+        if self.partial is not None:
+            gramian, losses = self.partial[: t * t].view(t, t), self.partial[t * t :]
+            with rec.phase("solve"):
+                torch.mm(shards, shards.T, out=gramian)
+                losses.zero_()
+                losses[self.owned.start : self.owned.stop] = b.losses[: self.mine]
             with rec.phase("exchange"):
                 self.comm.reduce(self.partial, task, dst=0)
-        solution, c = self.coordinator.solve(self.partial[: t * t].view(t, t), self.partial[t * t :], rec)
+        solution, c = self.coordinator.solve(gramian, losses, rec)
         if solution.skipped:
             return solution
         with rec.phase("apply"):
