@@ -10,7 +10,7 @@ Gramian, because the direction is then formed from exact local gradients (DESIGN
 Memory the coordinator needs beyond the received rows is part of each codec's contract (README,
 tests/distributed/test_engine_memory.py): none nothing of size P; fp16 / bf16 a float32 copy of the
 received codes, CHUNK floats at a time; topk one densified row (P floats) and O(nnz); countsketch
-nothing of size P (its hashes take 8 bytes per parameter on every rank).
+nothing of size P (its hashes take 12 bytes per parameter on every rank).
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ class HalfCodec:
 
 
 class TopKCodec:
-    """The ceil(ratio * P) largest-magnitude coordinates of each row: values, sorted int32 indices (as
-    float32 bits), loss."""
+    """The ceil(ratio * P) largest-magnitude coordinates of each row: values, int32 indices (as float32
+    bits), loss."""
 
     dtype = torch.float32
     lossless = False
@@ -92,7 +92,7 @@ class TopKCodec:
         wire = torch.empty(rows.shape[0], self.width, device=rows.device)
         index = wire[:, c : 2 * c].view(torch.int32)
         for i, row in enumerate(rows[:, :-1]):  # one row at a time: |g| needs P floats, not T_max x P
-            top = row.abs().topk(c, sorted=False).indices.sort().values
+            top = row.abs().topk(c, sorted=False).indices
             index[i].copy_(top)
             torch.index_select(row, 0, top, out=wire[i, :c])
         wire[:, -1].copy_(rows[:, -1])
@@ -124,9 +124,9 @@ class CountSketchCodec:
         gen = torch.Generator().manual_seed(seed)
         self.size = size
         self.width = size + 1
-        # int32 buckets (index_add_ takes them as they are) and float32 signs (an int8 sign would be
-        # cast to a P-float temporary by every in-place multiply): 8 bytes per parameter.
-        self.bucket = torch.randint(0, size, (params,), generator=gen).to(device, torch.int32)
+        # int64 buckets (index_add_ with int32 ones is 10x slower on CPU) and float32 signs (an int8
+        # sign would be cast to a P-float temporary by every in-place multiply): 12 bytes per parameter.
+        self.bucket = torch.randint(0, size, (params,), generator=gen).to(device)
         self.sign = (torch.randint(0, 2, (params,), generator=gen) * 2 - 1).to(device, torch.float32)
 
     def encode(self, rows: torch.Tensor) -> torch.Tensor:

@@ -93,8 +93,8 @@ def peak_floats(protocol: str, compression: str, s: Shape, topk_ratio: float, sk
     if compression == "topk":  # block, d, the sparse rows; one densified row and O(nnz) to form M
         count = topk_count(p, topk_ratio)
         return block + p + rows * (2 * count + 1) + max(big, p + 4 * rows * count)
-    # count-sketch: block, d, hashes (int32 bucket + float32 sign), the sketches
-    return block + p + 2 * p + rows * (sketch_size + 1) + big
+    # count-sketch: block, d, hashes (int64 bucket + float32 sign), the sketches
+    return block + p + 3 * p + rows * (sketch_size + 1) + big
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ class GatherProtocol(TaskParallelProtocol):
             sketch_seed=e.sketch_seed,
             device=self.device,
         )
-        if self.gathered is None and self.is_root and self.k_size > 1:  # lossy: the codes apart
+        if self.gathered is None and self.is_root and self.k_size > 1:  # lossy codes: a buffer of their own
             shape = (self.k_size * self.t_max, self.codec.width)
             self.gathered = torch.zeros(shape, dtype=self.codec.dtype, device=self.device)
         # Rows of real tasks among the K * T_max gathered rows (the rest is padding).
