@@ -11,8 +11,9 @@
 
 Launched through tests/distributed/harness.py; this file is also the worker (`python
 test_engine_norm.py SPEC.json` on every rank), so that it can record each rank's running statistics
-before `gather_model` averages them. `python -m tests.distributed.test_engine_norm gramian 2 3 4`
-prints the Gramian's relative difference from one process for batch and sync norm at W = 2, 3, 4.
+before `gather_model` averages them. `python -m tests.distributed.test_engine_norm gramian 2 3 4
+[KEY=VALUE ...]` prints the step-1 Gramian's relative difference from one process for batch and sync
+norm at W = 2, 3, 4 (config overrides after the world sizes).
 """
 
 from __future__ import annotations
@@ -339,17 +340,18 @@ def _rank_main(spec_path: str) -> int:
     return 0
 
 
-def _measure(world_sizes: list[int], out: Path) -> None:
+def _measure(world_sizes: list[int], extra: list[str], out: Path) -> None:
     """Print the step-1 Gramian's relative difference from one process, batch vs sync, per W."""
     for w in world_sizes:
+        overrides = {name: [*o, *extra] for name, o in GRAMIAN_CASES.items()}
         cases = [
             {"kind": "gramian", "overrides": with_run_dir(o, out / f"w{w}-{name}")}
-            for name, o in GRAMIAN_CASES.items()
+            for name, o in overrides.items()
         ]
         run_here(w, {"cases": cases}, out / f"spec{w}.json", timeout=600)
         diff = {
             name: gramian_difference(out / f"w{w}-{name}", with_run_dir(o, out / f"w{w}-{name}"))
-            for name, o in GRAMIAN_CASES.items()
+            for name, o in overrides.items()
         }
         print(f"W={w}  batch norm: {diff['gramian-batch']:.3g}  sync norm: {diff['gramian-sync']:.3g}")
 
@@ -359,6 +361,8 @@ if __name__ == "__main__":
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            _measure([int(w) for w in sys.argv[2:]] or [2, 3, 4], Path(tmp))
+            args = sys.argv[2:]
+            sizes = [int(a) for a in args if "=" not in a] or [2, 3, 4]
+            _measure(sizes, [a for a in args if "=" in a], Path(tmp))
         sys.exit(0)
     sys.exit(_rank_main(sys.argv[1]))

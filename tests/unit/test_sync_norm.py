@@ -53,22 +53,22 @@ def test_function_passes_gradcheck() -> None:
     assert torch.autograd.gradcheck(fn, (x, w, b))
 
 
-def _split_run(dtype: torch.dtype, steps: int, momentum: float | None):
+def _split_run(dtype: torch.dtype, steps: int, momentum: float | None, device: str = "cpu"):
     """Per step: (reference out, dx, dw, db) of BatchNorm on the whole batch and the same from 2 ranks."""
     torch.manual_seed(1)
-    ref = nn.BatchNorm2d(4, momentum=momentum).to(dtype)
+    ref = nn.BatchNorm2d(4, momentum=momentum).to(device, dtype)
     with torch.no_grad():
         ref.weight.uniform_(0.5, 1.5)
         ref.bias.normal_()
-    ranks = [SyncBatchNorm2d(4, momentum=momentum).to(dtype) for _ in range(2)]
+    ranks = [SyncBatchNorm2d(4, momentum=momentum).to(device, dtype) for _ in range(2)]
     reducer = ThreadSum(2)
     for r, layer in enumerate(ranks):
         layer.load_state_dict(ref.state_dict())
         layer.all_reduce = reducer.for_rank(r)
     results = []
     for _ in range(steps):
-        x = torch.randn(6, 4, 3, 3, dtype=dtype) * 3 + 2
-        g = torch.randn(6, 4, 3, 3, dtype=dtype)
+        x = (torch.randn(6, 4, 3, 3, dtype=dtype) * 3 + 2).to(device)
+        g = torch.randn(6, 4, 3, 3, dtype=dtype).to(device)
         xr = x.clone().requires_grad_(True)
         out = ref(xr)
         out.backward(g)
@@ -116,6 +116,15 @@ def test_split_over_two_ranks_equals_batchnorm_on_the_concatenated_batch(dtype, 
     assert torch.equal(ranks[0].running_var, ranks[1].running_var)
     # One all-reduce per forward and one per backward pass.
     assert reducer.calls == [6, 6]
+
+
+@pytest.mark.gpu
+def test_split_on_cuda_equals_batchnorm() -> None:
+    """The CUDA kernels (and the backward on autograd's device thread) give the same result."""
+    ref, ranks, _, results = _split_run(torch.float32, steps=2, momentum=0.1, device="cuda")
+    for expected, got in results:
+        assert all(torch.allclose(a, e, rtol=1e-5, atol=1e-5) for e, a in zip(expected, got, strict=True))
+    assert torch.allclose(ranks[0].running_var, ref.running_var, rtol=1e-5, atol=1e-6)
 
 
 def test_without_all_reduce_it_is_batchnorm_and_eval_never_reduces() -> None:
