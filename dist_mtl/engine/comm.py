@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from dist_mtl.engine import traffic
+from dist_mtl.engine.compat import all_gather_into
 from dist_mtl.observe import StepRecorder
 
 
@@ -89,7 +90,8 @@ class Comm:
         if group.size > 1:
             is_root = group.index(self.rank) == dst
             moved = traffic.reduce_bytes(_nbytes(tensor), group.size, is_root)
-            self._run("reduce", group, lambda: dist.reduce(tensor, group=group.pg, group_dst=dst), moved)
+            root = group.ranks[dst]
+            self._run("reduce", group, lambda: dist.reduce(tensor, dst=root, group=group.pg), moved)
 
     def broadcast(self, tensor: torch.Tensor, group: Group, src: int = 0) -> None:
         """In-place copy of the group's rank `src` (group index) tensor to every rank."""
@@ -97,7 +99,10 @@ class Comm:
             rel = (group.index(self.rank) - src) % group.size
             moved = traffic.broadcast_bytes(_nbytes(tensor), group.size, rel)
             self._run(
-                "broadcast", group, lambda: dist.broadcast(tensor, group=group.pg, group_src=src), moved
+                "broadcast",
+                group,
+                lambda: dist.broadcast(tensor, src=group.ranks[src], group=group.pg),
+                moved,
             )
 
     def all_gather(self, out: torch.Tensor, tensor: torch.Tensor, group: Group) -> None:
@@ -110,7 +115,7 @@ class Comm:
         self._run(
             "all-gather",
             group,
-            lambda: dist.all_gather_single(out.view(-1), tensor.reshape(-1), group=group.pg),
+            lambda: all_gather_into(out.view(-1), tensor.reshape(-1), group.pg),
             moved,
         )
 
@@ -129,14 +134,15 @@ class Comm:
         index = group.index(self.rank)
         moved = traffic.gather_bytes(_nbytes(tensor), group.size, index == dst)
         if index != dst:
-            self._run("gather", group, lambda: dist.send(tensor, group=group.pg, group_dst=dst), moved)
+            self._run("gather", group, lambda: dist.send(tensor, dst=group.ranks[dst], group=group.pg), moved)
             return None
         if out is None:
             raise ValueError("the root of a gather needs an output buffer")
         rows = out.view(group.size, -1)
 
         def receive() -> None:
-            works = [dist.irecv(rows[j], group=group.pg, group_src=j) for j in range(group.size) if j != dst]
+            peers = [j for j in range(group.size) if j != dst]
+            works = [dist.irecv(rows[j], src=group.ranks[j], group=group.pg) for j in peers]
             if rows[dst].data_ptr() != tensor.data_ptr():
                 rows[dst].copy_(tensor.reshape(-1))
             for work in works:
@@ -181,7 +187,7 @@ class Comm:
         self._run(
             "gather of objects",
             group,
-            lambda: dist.gather_object(obj, out, group=group.pg, group_dst=dst),
+            lambda: dist.gather_object(obj, out, dst=group.ranks[dst], group=group.pg),
             (0, 0),
         )
         return out

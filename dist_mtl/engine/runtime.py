@@ -1,4 +1,4 @@
-"""The engine as a `dist_mtl.backend.Backend`: groups from the DeviceMesh, the step, state hooks.
+"""The engine as a `dist_mtl.backend.Backend`: groups from the layout's mesh, the step, state hooks.
 
 The training loop calls these hooks and never sees a process group; the step and the state object
 are created by `make_step`, once the trainer has built the model and optimizer. The engine never
@@ -11,13 +11,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh
 
 from dist_mtl.backend import Step
 from dist_mtl.balancers import Balancer
 from dist_mtl.config import RunConfig
 from dist_mtl.engine.checksum import ReplicaChecksum
 from dist_mtl.engine.comm import Comm, Group
+from dist_mtl.engine.compat import LayoutGroups
 from dist_mtl.engine.coordinator import Coordinator
 from dist_mtl.engine.fault import fault_injector
 from dist_mtl.engine.layout import Layout
@@ -28,7 +28,7 @@ from dist_mtl.gradients import flatten_parameters
 from dist_mtl.models import MultiTaskModel
 
 
-def mesh_groups(mesh: DeviceMesh, layout: Layout, rank: int) -> Groups:
+def mesh_groups(mesh: LayoutGroups, layout: Layout, rank: int) -> Groups:
     """The world, task and replica groups of this rank, checked against the layout's numbering."""
     replica, k = layout.coords(rank)
     expected = {"task": layout.task_group(replica), "replica": layout.replica_group(k)}
@@ -37,7 +37,7 @@ def mesh_groups(mesh: DeviceMesh, layout: Layout, rank: int) -> Groups:
         pg = mesh.get_group(name)
         found = dist.get_process_group_ranks(pg)
         if found != ranks:
-            raise RuntimeError(f"DeviceMesh {name} group of rank {rank} is {found}, layout expects {ranks}")
+            raise RuntimeError(f"mesh {name} group of rank {rank} is {found}, layout expects {ranks}")
         groups[name] = Group(name, tuple(ranks), pg if len(ranks) > 1 else None)
     world = Group("world", tuple(range(layout.world_size)), dist.group.WORLD)
     return Groups(world=world, task=groups["task"], replica=groups["replica"])
@@ -46,7 +46,7 @@ def mesh_groups(mesh: DeviceMesh, layout: Layout, rank: int) -> Groups:
 class Engine:
     """One rank of a D x K layout; implements `dist_mtl.backend.Backend`."""
 
-    def __init__(self, cfg: RunConfig, layout: Layout, mesh: DeviceMesh, device: torch.device) -> None:
+    def __init__(self, cfg: RunConfig, layout: Layout, mesh: LayoutGroups, device: torch.device) -> None:
         self.cfg, self.layout, self.device = cfg, layout, device
         self.rank = dist.get_rank()
         self.world_size = layout.world_size
