@@ -222,7 +222,8 @@ def run_torchrun(nproc: int, args: Sequence[str], *, resume: bool = False, overw
         proc = subprocess.Popen(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
         )
-        assert proc.stdout is not None and proc.stderr is not None
+        if proc.stdout is None or proc.stderr is None:  # cannot happen with PIPE; narrows the types
+            raise RuntimeError("torchrun was started without output pipes")
         relays = [_Relay(proc.stdout, sys.stdout.buffer), _Relay(proc.stderr, sys.stderr.buffer)]
         for relay in relays:
             relay.start()
