@@ -62,13 +62,16 @@ def task_losses(logits: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.
     return torch.stack(task_loss_list(logits, targets))
 
 
-def flatten_parameters(params: Sequence[nn.Parameter]) -> torch.Tensor:
-    """Move the parameters' storage into one flat tensor and return it; each parameter becomes a view.
+def flatten_parameters(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Move the tensors' storage (parameters or buffers) into one flat tensor and return it; each
+    tensor becomes a view of it.
 
     In-place updates (optimizer steps, `load_state_dict`) keep writing into the flat tensor, so a
     checksum or a collective over all of them is one operation instead of a loop over tensors.
     """
     params = list(params)
+    if not params:
+        return torch.zeros(0)
     flat = torch.cat([p.detach().reshape(-1) for p in params])
     offset = 0
     for p in params:

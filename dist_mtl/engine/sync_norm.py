@@ -30,6 +30,7 @@ from torch import nn
 from dist_mtl.engine.checksum import ReplicaChecksum
 from dist_mtl.engine.comm import Comm, Group
 from dist_mtl.engine.protocols import Groups, protocol_class
+from dist_mtl.gradients import flatten_parameters
 from dist_mtl.models.norm import SyncBatchNorm2d
 
 _ATTACHED: WeakKeyDictionary[nn.Module, NormSync] = WeakKeyDictionary()
@@ -45,7 +46,7 @@ class NormSync:
         # One flat tensor backs every running mean and variance (each buffer becomes a view, as
         # `flatten_parameters` does for parameters): one collective or checksum covers them all, and
         # the in-place updates of BatchNorm and load_state_dict keep writing into it.
-        self.flat = _flatten(stats)
+        self.flat = flatten_parameters(stats)
         self.counters = [m.num_batches_tracked for m in layers if m.num_batches_tracked is not None]
 
     def average_running_stats(self) -> None:
@@ -98,13 +99,3 @@ def average_running_stats(model: nn.Module) -> None:
     if sync is not None:
         sync.average_running_stats()
 
-
-def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
-    if not tensors:
-        return torch.zeros(0)
-    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
-    offset = 0
-    for t in tensors:
-        t.data = flat[offset : offset + t.numel()].view_as(t)
-        offset += t.numel()
-    return flat

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,3 +202,30 @@ def sketch_matrix(params: int, m: int, seed: int) -> torch.Tensor:
     s = torch.zeros(m, params, dtype=torch.float64)
     s[bucket, torch.arange(params)] = sign.double()
     return s
+
+
+LAYOUT_KEYS = ("engine.", "train.checkpoint_every")
+
+
+def single_process_references(
+    tmp_path_factory: Any, base: Sequence[str], ignored: tuple[str, ...] = LAYOUT_KEYS
+) -> Callable[[list[str]], dict[str, Any]]:
+    """A cache of the single-process trainer's final checkpoints (`load`ed) for given overrides on `base`.
+
+    Overrides starting with `ignored` (the layout) are dropped: one process runs the same training.
+    """
+    from dist_mtl.config import load_config
+    from dist_mtl.trainer import train
+
+    done: dict[str, dict[str, Any]] = {}
+
+    def get(overrides: list[str]) -> dict[str, Any]:
+        relevant = [o for o in overrides if not o.startswith(ignored)]
+        key = json.dumps(relevant)
+        if key not in done:
+            run_dir = tmp_path_factory.mktemp("reference")
+            train(load_config(None, [*base, *relevant, f"run_dir={run_dir}"]))
+            done[key] = load(run_dir / "checkpoints" / "last.pt")
+        return done[key]
+
+    return get

@@ -23,8 +23,7 @@ import pytest
 from dist_mtl.build import build_datasets, build_model_for
 from dist_mtl.config import load_config
 from dist_mtl.engine.traffic import StepShape, all_gather_bytes, step_bytes
-from dist_mtl.trainer import train
-from tests.distributed.harness import BASE, compare, load, read_jsonl, run_worker
+from tests.distributed.harness import BASE, compare, load, read_jsonl, run_worker, single_process_references
 
 pytestmark = [pytest.mark.distributed]
 
@@ -100,18 +99,7 @@ def distributed_runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int]
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[[list[str]], dict]:
     """The single-process trainer's final checkpoint for the given overrides (layout overrides ignored)."""
-    done: dict[str, dict] = {}
-
-    def get(overrides: list[str]) -> dict:
-        relevant = [o for o in overrides if not o.startswith(("engine.", "train.checkpoint_every"))]
-        key = json.dumps(relevant)
-        if key not in done:
-            run_dir = tmp_path_factory.mktemp("reference")
-            train(load_config(None, with_run_dir(relevant, run_dir)))
-            done[key] = load(run_dir / "checkpoints" / "last.pt")
-        return done[key]
-
-    return get
+    return single_process_references(tmp_path_factory, BASE)
 
 
 def accounted_bytes_errors(run_dir: Path, overrides: list[str], world_size: int) -> list[str]:

@@ -34,7 +34,7 @@ from dist_mtl.config import load_config
 from dist_mtl.observe import StepRecorder
 from dist_mtl.reference import RepStep
 from dist_mtl.trainer import batch_indices, evaluate, train
-from tests.distributed.harness import compare, launch, load
+from tests.distributed.harness import compare, launch, load, single_process_references
 
 pytestmark = [pytest.mark.distributed]
 
@@ -134,19 +134,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[[list[str]], dict]:
-    """The single-process trainer's final checkpoint for the given overrides (engine overrides dropped)."""
-    done: dict[str, dict] = {}
-
-    def get(overrides: list[str]) -> dict:
-        relevant = [o for o in overrides if not o.startswith("engine.")]
-        key = json.dumps(relevant)
-        if key not in done:
-            run_dir = tmp_path_factory.mktemp("reference")
-            train(load_config(None, with_run_dir(relevant, run_dir)))
-            done[key] = load(run_dir / "checkpoints" / "last.pt")
-        return done[key]
-
-    return get
+    """The single-process trainer's final checkpoint for the given overrides (layout overrides ignored)."""
+    return single_process_references(tmp_path_factory, NORM_BASE, ("engine.",))
 
 
 # Tensors are compared relative to their own scale: max |a - e| <= SCALED_TOL * max |e| + ATOL. A BatchNorm

@@ -8,28 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_mtl import trainer as trainer_module
 from dist_mtl.checkpoint import atomic_torch_save, load_checkpoint
-from dist_mtl.config import load_config
-from dist_mtl.data import MultiTaskDataset
 from dist_mtl.errors import CheckpointError, RunDirError, TrainingFailed
 from dist_mtl.observe import profile_report
 from dist_mtl.trainer import train
-
-SMALL = [
-    "data.train_size=512",
-    "data.test_size=128",
-    "data.batch_size=64",
-    "model.encoder=mlp",
-    "model.hidden=[32]",
-    "model.rep_dim=16",
-    "train.progress=false",
-    "train.log_every=1",
-]
+from tests.integration.small_runs import put_nan_in_sample_five, small_config
 
 
 def _cfg(run_dir: Path, *extra: str):
-    return load_config(None, [f"run_dir={run_dir}", *SMALL, *extra])
+    return small_config(run_dir, *extra)
 
 
 def _snapshot(directory: Path) -> dict[str, bytes]:
@@ -126,15 +113,7 @@ def test_a_run_that_learns_nothing_stops_with_a_message(tmp_path: Path) -> None:
 
 
 def test_a_few_skipped_steps_do_not_stop_a_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = trainer_module.build_datasets
-
-    def with_a_nan_sample(cfg):
-        train_set, test_set = real(cfg)
-        x = train_set.x.clone()
-        x[5] = float("nan")
-        return MultiTaskDataset(x=x, y=train_set.y, tasks=train_set.tasks), test_set
-
-    monkeypatch.setattr(trainer_module, "build_datasets", with_a_nan_sample)
+    put_nan_in_sample_five(monkeypatch)
     assert train(_cfg(tmp_path, "train.steps=16", "train.max_skipped_fraction=0.2"))["skipped_steps"] == 2
     with pytest.raises(TrainingFailed, match=r"2 of 14 steps were skipped \(steps 3, 14\)"):
         train(_cfg(tmp_path / "strict", "train.steps=16", "train.max_skipped_fraction=0.1"))

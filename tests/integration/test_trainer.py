@@ -6,26 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_mtl import trainer as trainer_module
 from dist_mtl.checkpoint import load_checkpoint
-from dist_mtl.config import load_config
-from dist_mtl.data import MultiTaskDataset
 from dist_mtl.trainer import train
-
-SMALL = [
-    "data.train_size=512",
-    "data.test_size=128",
-    "data.batch_size=64",
-    "model.encoder=mlp",
-    "model.hidden=[32]",
-    "model.rep_dim=16",
-    "train.progress=false",
-    "train.log_every=1",
-]
+from tests.integration.small_runs import put_nan_in_sample_five, small_config
 
 
-def _cfg(tmp_path: Path, *extra: str):
-    return load_config(None, [f"run_dir={tmp_path}", *SMALL, *extra])
+def _cfg(run_dir: Path, *extra: str):
+    return small_config(run_dir, *extra)
 
 
 def test_run_directory_has_summary_checkpoints_logs(tmp_path: Path) -> None:
@@ -82,15 +69,7 @@ def test_rep_mode_trains(tmp_path: Path) -> None:
 
 
 def test_non_finite_gramian_skips_and_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = trainer_module.build_datasets
-
-    def with_a_nan_sample(cfg):
-        train_set, test_set = real(cfg)
-        x = train_set.x.clone()
-        x[5] = float("nan")
-        return MultiTaskDataset(x=x, y=train_set.y, tasks=train_set.tasks), test_set
-
-    monkeypatch.setattr(trainer_module, "build_datasets", with_a_nan_sample)
+    put_nan_in_sample_five(monkeypatch)
     cfg = _cfg(tmp_path, "train.steps=16")  # two epochs of 8 batches: sample 5 is in one batch per epoch
     summary = train(cfg)
     assert summary["skipped_steps"] == 2
