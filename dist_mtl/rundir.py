@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,30 @@ def holds_run(run_dir: Path) -> list[str]:
     return found
 
 
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_run_dir(run_dir: str) -> None:
+    """Fail now, not after the data is built, when run_dir could not be created or written.
+
+    Writes and removes a probe file in run_dir or its nearest existing parent (the only test that
+    also holds for root and read-only mounts) and creates nothing, so a rejected run leaves no trace.
+    """
+    existing = _nearest_existing(Path(run_dir).absolute())
+    if not existing.is_dir():
+        raise RunDirError(f"run_dir {run_dir} cannot be created: {existing} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise RunDirError(
+            f"run_dir {run_dir} is not writable: cannot create a file in {existing} ({exc.strerror or exc})"
+        ) from None
+
+
 def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, writer: bool) -> None:
     """Check that a run may start in `run_dir`; with `overwrite`, the writer removes the old run first.
 
@@ -68,11 +93,9 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, writer: boo
             for name in RUN_DIRS:
                 shutil.rmtree(run_dir / name, ignore_errors=True)
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write_test.{os.getpid()}"
-        probe.touch()
-        probe.unlink()
     except OSError as exc:
         raise RunDirError(f"run_dir {run_dir} is not writable: {exc.strerror or exc}") from exc
+    check_run_dir(str(run_dir))
 
 
 def check_resumable(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,35 +23,11 @@ from dist_mtl.data import MultiTaskDataset, dataset_num_tasks
 from dist_mtl.engine import Engine, Layout, process_group, resolve_layout
 from dist_mtl.engine.checksum import ReplicaDivergenceError
 from dist_mtl.engine.comm import CollectiveError
-from dist_mtl.errors import RunDirError, TrainingFailed, UserError
-from dist_mtl.rundir import prepare_run_dir
+from dist_mtl.errors import TrainingFailed, UserError
+from dist_mtl.rundir import check_run_dir, prepare_run_dir
 from dist_mtl.trainer import format_summary, train
 
 Datasets = tuple[MultiTaskDataset, MultiTaskDataset]
-
-
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def check_run_dir(run_dir: str) -> None:
-    """Fail now, not after the data is built, when run_dir could not be created or written.
-
-    Writes and removes a probe file in run_dir or its nearest existing parent (the only test that
-    also holds for root and read-only mounts) and creates nothing, so a rejected run leaves no trace.
-    """
-    existing = _nearest_existing(Path(run_dir).absolute())
-    if not existing.is_dir():
-        raise RunDirError(f"run_dir {run_dir} cannot be created: {existing} is not a directory")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as exc:
-        raise RunDirError(
-            f"run_dir {run_dir} is not writable: cannot create a file in {existing} ({exc.strerror or exc})"
-        ) from None
 
 
 def preflight(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> torch.device:

@@ -91,8 +91,8 @@ def log_folder(ns: argparse.Namespace, cfg: RunConfig) -> Path:
 def check_before_submission(cfg: RunConfig, world_size: int, *, resume: bool, overwrite: bool) -> None:
     """Reject what would fail on the cluster after the wait in the queue: the layout and the run
     directory (the config itself is checked at load; the device only where the job runs)."""
-    from dist_mtl.rundir import prepare_run_dir
-    from dist_mtl.train import check_layout, check_run_dir
+    from dist_mtl.rundir import check_run_dir, prepare_run_dir
+    from dist_mtl.train import check_layout
 
     if world_size > 1:
         check_layout(cfg, world_size)

@@ -13,6 +13,7 @@ from dist_mtl import train as train_module
 from dist_mtl.config import load_config
 from dist_mtl.data import build_dataset
 from dist_mtl.errors import ConfigError, TrainingFailed
+from dist_mtl.rundir import check_run_dir
 
 ROOT = Path(__file__).parents[2]
 SMALL = [
@@ -69,7 +70,7 @@ def test_read_only_run_dir_is_rejected_before_the_data(capsys, no_data_no_ranks,
 
 
 def test_run_dir_probe_creates_nothing(tmp_path) -> None:
-    train_module.check_run_dir(str(tmp_path / "a" / "b"))
+    check_run_dir(str(tmp_path / "a" / "b"))
     assert list(tmp_path.iterdir()) == []
 
 
