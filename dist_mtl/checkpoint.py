@@ -65,15 +65,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def checkpoint_files(run_dir: str | Path) -> list[Path]:
+    """The checkpoints a resume would try, in order: `last.pt`, then `step_*.pt` from the newest."""
+    directory = checkpoint_dir(run_dir)
+    candidates = [directory / "last.pt", *sorted(directory.glob("step_*.pt"), reverse=True)]
+    return [path for path in candidates if path.is_file()]
+
+
 def load_latest_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], Path]:
     """`last.pt`, or the newest readable `step_*.pt` when it is missing or broken (said on stderr)."""
     directory = checkpoint_dir(run_dir)
-    last = directory / "last.pt"
-    candidates = [last, *sorted(directory.glob("step_*.pt"), reverse=True)]
     problems = []
-    for path in candidates:
-        if not path.is_file():
-            continue
+    for path in checkpoint_files(run_dir):
         try:
             ckpt = load_checkpoint(path)
             if not isinstance(ckpt, dict) or not isinstance(ckpt.get("step"), int):

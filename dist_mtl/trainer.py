@@ -91,14 +91,23 @@ def evaluate(
     return {spec.name: {"loss": means[0][i], "accuracy": means[1][i]} for i, spec in enumerate(data.tasks)}
 
 
-def make_sinks(cfg: RunConfig, rank: int, resumed_at: int | None) -> MetricSink:
-    """JSONL (every rank) and TensorBoard (rank 0); on resume both forget steps after the checkpoint."""
+def make_sinks(cfg: RunConfig, rank: int, world_size: int, resumed_at: int | None) -> MetricSink:
+    """JSONL (every rank) and TensorBoard (rank 0); on resume both forget steps after the checkpoint.
+
+    Each rank cuts its own file; rank 0 also cuts the files of ranks that a resume on fewer ranks no
+    longer has, so `dist-mtl profile` never reads steps the resumed run replaced.
+    """
     sinks: list[MetricSink] = []
     run_dir = Path(cfg.run_dir)
     if cfg.observe.jsonl:
         path = run_dir / "metrics" / f"rank{rank}.jsonl"
         if resumed_at is not None:
             truncate_records(path, resumed_at)
+            if rank == 0:
+                for other in (run_dir / "metrics").glob("rank*.jsonl"):
+                    index = other.stem.removeprefix("rank")
+                    if index.isdigit() and int(index) >= world_size:
+                        truncate_records(other, resumed_at)
         sinks.append(JsonlSink(path))
     if cfg.observe.tensorboard and rank == 0:
         purge = None if resumed_at is None else resumed_at + 1
@@ -109,15 +118,16 @@ def make_sinks(cfg: RunConfig, rank: int, resumed_at: int | None) -> MetricSink:
 class SkipGuard:
     """Stops a run whose steps are mostly skipped (non-finite Gramian or losses) instead of exiting 0.
 
-    Checked after every step once `grace` steps have run, so a few early non-finite steps do not end a
-    run, but a diverged one stops within a few steps rather than at the end.
+    Checked after every step once `grace` steps (or all of a shorter run) have run, so a few early
+    non-finite steps do not end a run, but a diverged one stops within a few steps, not at the end.
     """
 
     grace = 10
     listed = 8
 
-    def __init__(self, max_fraction: float, skipped: int, first: list[int], lr: float) -> None:
+    def __init__(self, max_fraction: float, total: int, skipped: int, first: list[int], lr: float) -> None:
         self.max_fraction, self.skipped, self.first, self.lr = max_fraction, skipped, list(first), lr
+        self.grace = min(self.grace, total)
 
     def record(self, step: int, skipped: bool) -> None:
         if skipped:
@@ -175,8 +185,7 @@ def train(
 
     config = config_to_dict(cfg)
 
-    # Every check that can refuse the run happens before anything is written.
-    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite, writer=rt.rank == 0)
+    # Every check that can refuse the run happens before anything is written (or created).
     start_step, skipped, history, restarts, wall_before, first_skipped = 0, 0, [], 0, 0.0, []
     # Run totals of the per-step solver events (unconverged solves, capped GetMTL steps, degenerate
     # branches): counted on every step, so a record shows what happened between logged steps too.
@@ -199,12 +208,13 @@ def train(
         restarts, wall_before = ckpt.get("restarts", 0) + 1, ckpt.get("wall_time_s", 0.0)
         first_skipped = json.loads(ckpt.get("first_skipped", "[]"))
         events = json.loads(ckpt.get("events", "{}"))
+    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite, writer=rt.rank == 0)
     rt.barrier()  # rank 0 may have replaced an old run (--overwrite): nobody writes before that is done
     if rt.rank == 0:
         save_config(cfg, run_dir / "config.yaml")
 
-    sinks = make_sinks(cfg, rt.rank, start_step if resume else None)
-    guard = SkipGuard(cfg.train.max_skipped_fraction, skipped, first_skipped, cfg.optim.lr)
+    sinks = make_sinks(cfg, rt.rank, rt.world_size, start_step if resume else None)
+    guard = SkipGuard(cfg.train.max_skipped_fraction, n_steps, skipped, first_skipped, cfg.optim.lr)
     sync = torch.cuda.synchronize if (cfg.observe.sync_cuda and rt.device.type == "cuda") else None
     rec = StepRecorder(sync=sync)
     profiler = ProfilerWindow(
@@ -243,12 +253,12 @@ def train(
             save_checkpoint(run_dir, step, {**st, **extra})
         rt.barrier()
 
-    def run_eval(step: int) -> dict[str, dict[str, float]]:
+    def run_eval(step: int, *, log: bool = True) -> dict[str, dict[str, float]]:
         rt.gather_model()
         metrics = evaluate(
             model, test_set, rt.device, part=(rt.rank, rt.world_size), all_reduce=rt.all_reduce
         )
-        if rt.rank == 0:
+        if rt.rank == 0 and log:
             flat = {f"test/{k}/{task}": v[k] for task, v in metrics.items() for k in ("loss", "accuracy")}
             sinks.write(step, flat)
             history.append({"step": step, **flat})
@@ -282,8 +292,11 @@ def train(
                 if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done != n_steps:
                     checkpoint(done)
         bar.close()
-        final = run_eval(n_steps)
-        checkpoint(n_steps)
+        # Resuming a finished run only re-reads its result: its final evaluation and checkpoint exist.
+        finished = start_step == n_steps
+        final = run_eval(n_steps, log=not finished)
+        if not finished:
+            checkpoint(n_steps)
         summary = {
             "tasks": final,
             "steps": n_steps,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import submitit
 
+from dist_mtl.checkpoint import checkpoint_files
 from dist_mtl.config import RunConfig, load_config, split_config_and_overrides
 from dist_mtl.errors import ConfigError, UserError
 
@@ -52,7 +53,9 @@ class TrainJob(submitit.helpers.Checkpointable):
     ) -> submitit.helpers.DelayedSubmission:
         """Requeue: resume from the checkpoint, or (none written yet) restart this run from scratch."""
         cfg = load_config(config, overrides)
-        has_checkpoint = (Path(cfg.run_dir) / "checkpoints" / "last.pt").is_file()
+        # Any checkpoint counts, as for --resume (last.pt is written after step_*.pt): requeueing with
+        # --overwrite when only a step_*.pt exists would delete it.
+        has_checkpoint = bool(checkpoint_files(cfg.run_dir))
         return submitit.helpers.DelayedSubmission(
             TrainJob(), config, overrides, has_checkpoint, not has_checkpoint
         )

@@ -106,3 +106,19 @@ def test_a_run_dir_holding_a_run_fails_before_submission(tmp_path: Path) -> None
     done = submit("--executor", "local", f"run_dir={tmp_path}", timeout=120)
     assert done.returncode == 2 and f"run_dir {tmp_path} already holds a run" in done.stderr, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_requeue_resumes_from_a_step_checkpoint_without_last_pt(tmp_path: Path) -> None:
+    """A preemption between step_*.pt and last.pt: the requeue must resume, not --overwrite the run."""
+    sys.path.insert(0, str(Path(__file__).parents[2] / "launch"))
+    try:
+        import submit
+    finally:
+        sys.path.pop(0)
+    from dist_mtl.checkpoint import save_checkpoint
+
+    overrides = [f"run_dir={tmp_path}"]
+    assert submit.TrainJob().checkpoint(None, overrides).args[2:] == (False, True)  # nothing yet: restart
+    save_checkpoint(tmp_path, 4, {"model": {}})
+    (tmp_path / "checkpoints" / "last.pt").unlink()
+    assert submit.TrainJob().checkpoint(None, overrides).args[2:] == (True, False)  # resume

@@ -117,3 +117,37 @@ def test_a_few_skipped_steps_do_not_stop_a_run(tmp_path: Path, monkeypatch: pyte
     assert train(_cfg(tmp_path, "train.steps=16", "train.max_skipped_fraction=0.2"))["skipped_steps"] == 2
     with pytest.raises(TrainingFailed, match=r"2 of 14 steps were skipped \(steps 3, 14\)"):
         train(_cfg(tmp_path / "strict", "train.steps=16", "train.max_skipped_fraction=0.1"))
+
+
+def test_a_short_run_that_learns_nothing_fails_too(tmp_path: Path) -> None:
+    """Runs shorter than the grace period are checked on their last step."""
+    with pytest.raises(TrainingFailed, match="of 9 steps were skipped"):
+        train(_cfg(tmp_path, "train.steps=9", "optim.lr=1e30", "optim.name=sgd", "optim.momentum=0"))
+
+
+def test_resuming_a_finished_run_logs_its_final_evaluation_once(tmp_path: Path) -> None:
+    train(_cfg(tmp_path, "train.steps=16", "train.checkpoint_every=8"))
+    before = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    summary = train(_cfg(tmp_path, "train.steps=16", "train.checkpoint_every=8"), resume=True)
+    lines = (tmp_path / "metrics" / "rank0.jsonl").read_text().splitlines()
+    evaluations = [r["step"] for r in map(json.loads, lines) if any(k.startswith("test/") for k in r)]
+    assert evaluations == [8, 16]
+    after = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert after["history"] == before["history"]
+    assert summary["tasks"]["left"]["accuracy"] == json.loads(before["history"])[-1]["test/accuracy/left"]
+
+
+def test_a_refused_resume_creates_nothing(tmp_path: Path) -> None:
+    run = tmp_path / "not" / "there"
+    with pytest.raises(CheckpointError, match="no readable checkpoint"):
+        train(_cfg(run, "train.steps=2"), resume=True)
+    assert not (tmp_path / "not").exists()
+
+
+def test_resume_on_fewer_ranks_cuts_the_old_ranks_logs_too(tmp_path: Path) -> None:
+    train(_cfg(tmp_path, "train.steps=4", "train.checkpoint_every=2"))
+    shutil.copy(tmp_path / "checkpoints" / "step_00000002.pt", tmp_path / "checkpoints" / "last.pt")
+    old_rank = tmp_path / "metrics" / "rank1.jsonl"  # as if the first run had had two ranks
+    old_rank.write_text("".join(json.dumps({"step": s, "time/step": 0.1}) + "\n" for s in range(1, 5)))
+    train(_cfg(tmp_path, "train.steps=4"), resume=True)
+    assert [json.loads(line)["step"] for line in old_rank.read_text().splitlines()] == [1, 2]
