@@ -20,6 +20,23 @@ from dist_mtl.observe import StepRecorder
 from dist_mtl.reference import ExactStep, RepStep, StepResult
 
 
+def full_state(model: MultiTaskModel, optimizer: torch.optim.Optimizer, balancer: Balancer) -> dict[str, Any]:
+    """The single-process checkpoint state: what every backend writes and reads."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "balancer": balancer.state_dict(),
+    }
+
+
+def load_full_state(
+    ckpt: dict[str, Any], model: MultiTaskModel, optimizer: torch.optim.Optimizer, balancer: Balancer
+) -> None:
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    balancer.load_state_dict(ckpt["balancer"])
+
+
 class Step(Protocol):
     """One training step on the global batch; implemented by the reference and by the engine."""
 
@@ -87,18 +104,10 @@ class SingleProcess:
         """Nothing to gather: this process holds the whole model."""
 
     def state_dict(self) -> dict[str, Any]:
-        model, optimizer, balancer = self._built()
-        return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "balancer": balancer.state_dict(),
-        }
+        return full_state(*self._built())
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
-        model, optimizer, balancer = self._built()
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        balancer.load_state_dict(ckpt["balancer"])
+        load_full_state(ckpt, *self._built())
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
         """One process: the sum is the tensor itself."""

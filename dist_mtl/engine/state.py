@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from dist_mtl.backend import full_state, load_full_state
 from dist_mtl.balancers import Balancer
 from dist_mtl.engine.comm import Comm
 from dist_mtl.engine.layout import Layout
@@ -40,16 +41,10 @@ class ReplicatedState:
         average_running_stats(self.model)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "balancer": self.balancer.state_dict(),
-        }
+        return full_state(self.model, self.optimizer, self.balancer)
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.balancer.load_state_dict(ckpt["balancer"])
+        load_full_state(ckpt, self.model, self.optimizer, self.balancer)
         self.comm.step = ckpt["step"]
 
 
