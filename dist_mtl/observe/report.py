@@ -1,4 +1,7 @@
-"""`dist-mtl profile RUN_DIR`: where each rank's step time and traffic go, from the per-rank JSONL files."""
+"""`dist-mtl profile RUN_DIR`: where each rank's step time and traffic go, from the per-rank JSONL files.
+
+`rank_files`, `read_steps` and `skip_warmup` are also the readers of `dist-mtl report`.
+"""
 
 from __future__ import annotations
 
@@ -26,17 +29,18 @@ def profile_report(run_dir: str | Path, *, warmup: int = 2) -> str:
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
     metrics_dir = Path(run_dir) / "metrics"
-    files = _rank_files(metrics_dir)
+    files = rank_files(metrics_dir)
     if not files:
         raise FileNotFoundError(f"no per-rank metrics files (rank<N>.jsonl) in {metrics_dir}")
     sections = [f"profile of {run_dir} (first {warmup} steps after each start skipped)"]
     for rank, path in files:
-        records = _skip_warmup(_read_steps(path), warmup)
+        records = skip_warmup(read_steps(path), warmup)
         sections.append(_format_rank(rank, records, warmup))
     return "\n\n".join(sections) + "\n"
 
 
-def _rank_files(metrics_dir: Path) -> list[tuple[int, Path]]:
+def rank_files(metrics_dir: Path) -> list[tuple[int, Path]]:
+    """(rank, path) of every metrics/rank<N>.jsonl, by rank; empty when the directory is missing."""
     if not metrics_dir.is_dir():
         return []
     found = []
@@ -47,7 +51,7 @@ def _rank_files(metrics_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _read_steps(path: Path) -> list[dict[str, float]]:
+def read_steps(path: Path) -> list[dict[str, float]]:
     """Step records in file order; any line that is not a JSON object with a "step" is an error."""
     records = []
     with path.open(encoding="utf-8") as lines:
@@ -65,7 +69,8 @@ def _read_steps(path: Path) -> list[dict[str, float]]:
     return records
 
 
-def _skip_warmup(records: Sequence[dict[str, float]], warmup: int) -> list[dict[str, float]]:
+def skip_warmup(records: Sequence[dict[str, float]], warmup: int) -> list[dict[str, float]]:
+    """Drop the first `warmup` records after every (re)start: compilation and allocator warm-up."""
     kept = []
     since_start = 0
     previous: dict[str, float] | None = None
@@ -144,3 +149,16 @@ def _format_rank(rank: int, records: Sequence[dict[str, float]], warmup: int) ->
         iterations = np.array([r["solver/iterations"] for r in records if "solver/iterations" in r])
         lines.append(f"solver iterations: mean {iterations.mean():.1f}, max {iterations.max():.0f}")
     return "\n".join(lines)
+
+
+def phase_means(records: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Mean seconds per step of every phase, plus "(other)": the step time no phase accounts for."""
+    step = _column(records, _STEP_KEY)
+    means = {}
+    accounted = np.zeros_like(step)
+    for name in PHASES:
+        times = _column(records, f"time/{name}")
+        accounted += times
+        means[name] = float(times.mean()) if times.size else 0.0
+    means["(other)"] = float(np.clip(step - accounted, 0.0, None).mean()) if step.size else 0.0
+    return means
