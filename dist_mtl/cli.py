@@ -262,11 +262,40 @@ def _profile(ns: argparse.Namespace) -> int:
 
 
 def _data_celeba(ns: argparse.Namespace) -> int:
-    from dist_mtl.data import convert_celeba
+    from dist_mtl.data.celeba_convert import convert_celeba
 
     manifest = convert_celeba(ns.root, ns.out, image_size=ns.image_size, shard_size=ns.shard_size)
     print(f"wrote {manifest}")
     return 0
+
+
+def _data_arrays(ns: argparse.Namespace) -> int:
+    from dist_mtl.data.arrays_convert import convert_arrays
+
+    manifest = convert_arrays(
+        ns.inputs,
+        ns.labels,
+        ns.out,
+        test_inputs=ns.test_inputs,
+        test_labels=ns.test_labels,
+        test_fraction=ns.test_fraction,
+        val_fraction=ns.val_fraction,
+        seed=ns.seed,
+        shard_size=ns.shard_size,
+    )
+    print(f"wrote {manifest}")
+    return 0
+
+
+DATA_ARRAYS_DESCRIPTION = """\
+Convert your own arrays into webdataset shards plus manifest.json (format dist_mtl-shards/1, as
+`dist-mtl data celeba` writes). Inputs: one .npy of shape (N, C, H, W), or (N, H, W) for one
+channel, dtype uint8 or float32 (memory-mapped, each sample stored exactly). Labels: an .npz with
+one integer array of N labels per task (task name = array name), or a .csv with a header of task
+names and one row per sample; -1 or an empty cell means "no label for this task". The test split is
+a separate pair of files (--test-inputs/--test-labels) or a seeded random fraction of the rows
+(--test-fraction); one of the two is required.
+"""
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -310,6 +339,31 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="samples per shard (default: %(default)s)"
     )
     c.set_defaults(func=_data_celeba)
+    a = dsub.add_parser(
+        "arrays",
+        help="convert .npy inputs and .npz/.csv labels into webdataset shards",
+        description=DATA_ARRAYS_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a.add_argument("--inputs", required=True, help="inputs .npy, (N, C, H, W) or (N, H, W), uint8 or float32")
+    a.add_argument("--labels", required=True, help="labels .npz (an array per task) or .csv (header: tasks)")
+    a.add_argument("--out", required=True, help="output directory for shards and manifest.json")
+    a.add_argument("--test-inputs", default=None, help="test set inputs .npy (with --test-labels)")
+    a.add_argument("--test-labels", default=None, help="test set labels .npz or .csv, the same task names")
+    a.add_argument(
+        "--test-fraction", type=float, default=None, help="hold out this fraction of rows as test split"
+    )
+    a.add_argument(
+        "--val-fraction", type=float, default=None, help="also hold out this fraction as val split"
+    )
+    a.add_argument("--seed", type=int, default=0, help="seed of the random row split (default: %(default)s)")
+    a.add_argument(
+        "--shard-size",
+        type=int,
+        default=None,
+        help="samples per shard (default: shards of about 32 MB, at least 16 per split)",
+    )
+    a.set_defaults(func=_data_arrays)
     return parser, train
 
 

@@ -1,36 +1,33 @@
-"""Convert a local CelebA copy into webdataset tar shards per split plus ``manifest.json``.
+"""Convert a local CelebA copy into ``dist_mtl-shards/1`` webdataset shards per split plus ``manifest.json``.
 
-The output directory appears atomically: everything is written to a temporary sibling directory,
-which is renamed onto ``out_dir`` only when complete, so a reader never sees half a conversion.
+Each sample holds its image as ``jpg`` (the original bytes, or a square re-encoding at ``image_size``)
+and its 40 attributes as ``cls.npy`` (int8, 0/1). The output directory appears atomically
+(``shard_writer.staged_output``), so a reader never sees half a conversion.
 """
 
 from __future__ import annotations
 
 import io
-import math
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
-from PIL import Image
 from tqdm import tqdm
 
+from dist_mtl.data.base import TaskSpec
 from dist_mtl.data.celeba_layout import CELEBA_ATTRIBUTES, CELEBA_SPLITS, CelebAIndex, load_celeba_index
-from dist_mtl.data.celeba_manifest import (
-    IMAGE_KEY,
-    LABEL_KEY,
-    MANIFEST_NAME,
-    SHARD_PATTERN,
-    CelebAManifest,
-    ShardEntry,
-    write_manifest,
+from dist_mtl.data.images import decode_image, resize_square
+from dist_mtl.data.manifest import MANIFEST_NAME, ShardManifest, SplitEntry, write_manifest
+from dist_mtl.data.shard_writer import (
+    ChannelStats,
+    SplitWriter,
+    check_output_dir,
+    check_shard_size,
+    label_dtype,
+    staged_output,
 )
-from dist_mtl.data.images import decode_image, resize_square, to_chw
-from dist_mtl.errors import ConfigError, DataError
+from dist_mtl.errors import ConfigError
 
 # Samples per shard, for the function and the command line alike. CelebA has 162,770 / 19,867 /
 # 19,962 train / val / test images. A tar sample takes about 11 KB with the original 178 x 218 JPEGs
@@ -41,31 +38,10 @@ from dist_mtl.errors import ConfigError, DataError
 # per epoch (with 8 replicas: 10 or 11 train shards each). 10000 would cap val and test at 2 replicas.
 DEFAULT_SHARD_SIZE = 2000
 _JPEG_QUALITY = 95
+CELEBA_TASKS: tuple[TaskSpec, ...] = tuple(TaskSpec(name, 2) for name in CELEBA_ATTRIBUTES)
 
 
-class _ChannelStats:
-    """Running per-channel sums for the normalisation statistics written to the manifest."""
-
-    def __init__(self) -> None:
-        self.total = np.zeros(3)
-        self.squares = np.zeros(3)
-        self.pixels = 0
-
-    def add(self, image: Image.Image) -> None:
-        chw = to_chw(image).reshape(3, -1).astype(np.float64)
-        self.total += chw.sum(axis=1)
-        self.squares += (chw**2).sum(axis=1)
-        self.pixels += chw.shape[1]
-
-    def mean_std(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-        if self.pixels == 0:
-            return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-        mean = self.total / self.pixels
-        std = np.sqrt(np.maximum(self.squares / self.pixels - mean**2, 1e-12))
-        return tuple(mean.tolist()), tuple(std.tolist())
-
-
-def _sample_bytes(path: Path, image_size: int | None, stats: _ChannelStats | None) -> bytes:
+def _sample_bytes(path: Path, image_size: int | None, stats: ChannelStats | None) -> bytes:
     """The JPEG bytes to store: the original file, or a resized re-encoding when ``image_size`` is set.
 
     The image is fully decoded even when its bytes are copied, so a corrupt source JPEG is a DataError
@@ -79,7 +55,9 @@ def _sample_bytes(path: Path, image_size: int | None, stats: _ChannelStats | Non
         image.save(buffer, format="JPEG", quality=_JPEG_QUALITY)
         data = buffer.getvalue()
     if stats is not None:
-        stats.add(image)
+        # The statistics of what is stored at the size it is stored (before JPEG re-encoding: the
+        # difference is far below what normalisation cares about).
+        stats.add(np.asarray(image.convert("RGB")).transpose(2, 0, 1)[None])
     return data
 
 
@@ -90,24 +68,17 @@ def _write_split(
     *,
     image_size: int | None,
     shard_size: int,
-    stats: _ChannelStats | None,
+    stats: ChannelStats | None,
     progress: bool,
-) -> tuple[ShardEntry, ...]:
+) -> SplitEntry:
     rows = index.split_indices(split)
-    entries = []
-    bar = tqdm(total=len(rows), desc=f"celeba {split}", unit="img", disable=not progress)
-    for shard in range(math.ceil(len(rows) / shard_size)):
-        name = SHARD_PATTERN.format(split=split) % shard
-        chunk = rows[shard * shard_size : (shard + 1) * shard_size]
-        with wds.TarWriter(str(staging / name), mtime=0.0) as writer:
-            for row in chunk:
-                filename = index.filenames[row]
-                jpeg = _sample_bytes(index.layout.images_dir / filename, image_size, stats)
-                writer.write({"__key__": Path(filename).stem, IMAGE_KEY: jpeg, LABEL_KEY: index.labels[row]})
-                bar.update()
-        entries.append(ShardEntry(name, len(chunk)))
-    bar.close()
-    return tuple(entries)
+    labels = index.labels.astype(label_dtype(2))
+    writer = SplitWriter(staging, split, shard_size=shard_size, num_tasks=len(CELEBA_TASKS), input_key="jpg")
+    for row in tqdm(rows, desc=f"celeba {split}", unit="img", disable=not progress):
+        filename = index.filenames[row]
+        jpeg = _sample_bytes(index.layout.images_dir / filename, image_size, stats)
+        writer.write(Path(filename).stem, jpeg, labels[row])
+    return writer.close()
 
 
 def _check_arguments(out_dir: Path, image_size: int | None, shard_size: int, splits: Sequence[str]) -> None:
@@ -117,35 +88,12 @@ def _check_arguments(out_dir: Path, image_size: int | None, shard_size: int, spl
         raise ConfigError(
             f"image_size: expected None (keep the original JPEGs) or an integer >= 1, got {image_size!r}"
         )
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise ConfigError(f"shard_size: expected an integer >= 1, got {shard_size!r}")
+    check_shard_size(shard_size)
     if not splits or len(set(splits)) != len(splits) or not set(splits) <= set(CELEBA_SPLITS):
         raise ConfigError(
             f"splits: expected distinct names among {', '.join(CELEBA_SPLITS)}, got {list(splits)}"
         )
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise DataError(f"{out_dir}: output exists and is not a directory")
-        if any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
-            raise DataError(
-                f"{out_dir}: not empty and holds no {MANIFEST_NAME}; refusing to replace it, choose another"
-            )
-
-
-def _publish(staging: Path, out_dir: Path) -> None:
-    """Move the finished staging directory onto ``out_dir`` (replacing an earlier conversion)."""
-    if not out_dir.exists():
-        os.rename(staging, out_dir)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    os.rename(out_dir, retired / out_dir.name)
-    try:
-        os.rename(staging, out_dir)
-    except OSError:
-        os.rename(retired / out_dir.name, out_dir)
-        raise
-    finally:
-        shutil.rmtree(retired, ignore_errors=True)
+    check_output_dir(out_dir)
 
 
 def convert_celeba(
@@ -159,8 +107,9 @@ def convert_celeba(
 ) -> Path:
     """Write ``{split}-%06d.tar`` shards of at most ``shard_size`` samples and return the manifest path.
 
-    ``image_size=None`` copies the original JPEG bytes; an integer stores square re-encoded images of
-    that size. Samples keep the order of the attribute file. The manifest's normalisation statistics
+    ``image_size=None`` copies the original JPEG bytes (manifest ``input.shape`` null: the reader
+    resizes); an integer stores square re-encoded images of that size (shape ``[3, s, s]``). Samples
+    keep the order of the attribute file. The manifest's normalisation statistics (pixels in [0, 1])
     come from the train split, or from the first of ``splits`` if train is not converted.
     ``progress`` shows a tqdm bar per split on stderr. Arguments are ConfigErrors; an unusable
     output directory, a bad annotation file or an unreadable image is a DataError naming the file,
@@ -170,11 +119,8 @@ def convert_celeba(
     _check_arguments(out_dir, image_size, shard_size, splits)
     index = load_celeba_index(root)
     stats_split = "train" if "train" in splits else splits[0]
-    stats = _ChannelStats()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the published directory should be readable as usual
-    try:
+    stats = ChannelStats(3, scale=1 / 255)
+    with staged_output(out_dir) as staging:
         entries = {
             split: _write_split(
                 index,
@@ -188,11 +134,15 @@ def convert_celeba(
             for split in splits
         }
         mean, std = stats.mean_std()
-        write_manifest(
-            staging, CelebAManifest(CELEBA_ATTRIBUTES, image_size, mean, std, stats_split, entries)
+        manifest = ShardManifest(
+            tasks=CELEBA_TASKS,
+            input_key="jpg",
+            input_shape=None if image_size is None else (3, image_size, image_size),
+            input_dtype="uint8",
+            mean=mean,
+            std=std,
+            stats_split=stats_split,
+            splits=entries,
         )
-        _publish(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        write_manifest(staging, manifest)
     return out_dir / MANIFEST_NAME

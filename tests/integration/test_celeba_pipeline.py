@@ -13,7 +13,9 @@ def test_convert_then_train_resnet18_on_40_attributes(tmp_path: Path) -> None:
     shards = tmp_path / "shards"
     assert main(["data", "celeba", str(root), str(shards), "--image-size", "16", "--shard-size", "8"]) == 0
     manifest = json.loads((shards / "manifest.json").read_text())
-    assert sorted(shards.glob("train-*.tar")) and manifest
+    assert sorted(shards.glob("train-*.tar")) and manifest["format"] == "dist_mtl-shards/1"
+    assert manifest["input"] == {"key": "jpg", "shape": [3, 16, 16], "dtype": "uint8"}
+    assert [s["count"] for s in manifest["splits"]["train"]["shards"]] == [8, 8, 8, 8]
     run_dir = tmp_path / "run"
     code = main(
         [
@@ -74,4 +76,8 @@ def test_training_on_a_cut_off_shard_names_the_shard_and_the_split(tmp_path: Pat
     overrides = ["data.name=celeba", f"data.path={shards}", "data.image_size=16", "model.encoder=mlp"]
     code = main(["train", f"run_dir={tmp_path / 'run'}", *overrides, "train.steps=1", "train.progress=false"])
     err = capsys.readouterr().err
-    assert code == 2 and f"{shard}: holds 3 samples but" in err and "split 'train' expects 32 samples" in err
+    # The manifest lists every shard's byte size, so the cut is found before training starts.
+    assert (
+        code == 2 and f"dist-mtl: error: {shard}: " in err and "the shard is cut off or was replaced" in err
+    )
+    assert "Traceback" not in err and not (tmp_path / "run" / "summary.json").exists()

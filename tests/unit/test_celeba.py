@@ -1,4 +1,4 @@
-"""CelebA: layout parsing and its errors, shard conversion, the in-memory reader and replica sharding."""
+"""CelebA: layout parsing and its errors; conversion into `dist_mtl-shards/1` shards, read back directly."""
 
 from __future__ import annotations
 
@@ -10,22 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+import webdataset as wds
 from PIL import Image
 
-from dist_mtl.data import (
-    CELEBA_ATTRIBUTES,
-    CelebAFormatError,
-    build_dataset,
-    convert_celeba,
-    iter_celeba_shards,
-    load_celeba_index,
-    make_celeba_miniature,
-    read_manifest,
-    replica_shards,
-)
+from dist_mtl.data.celeba_convert import convert_celeba
+from dist_mtl.data.celeba_layout import CELEBA_ATTRIBUTES, CelebAFormatError, load_celeba_index
+from dist_mtl.data.celeba_miniature import make_celeba_miniature
+from dist_mtl.data.images import decode_image, resize_square
+from dist_mtl.data.manifest import read_manifest
 from dist_mtl.data.missing import DataFileNotFoundError
-from dist_mtl.errors import ConfigError
 
 NUM_IMAGES = 30
 
@@ -160,12 +153,18 @@ def test_annotation_file_that_is_not_text_names_file_and_line(copy_root):
 
 def test_conversion_writes_shards_and_manifest(mini_root, shards):
     manifest = json.loads((shards / "manifest.json").read_text())
-    assert manifest["attributes"] == list(CELEBA_ATTRIBUTES) and manifest["image_size"] is None
+    assert manifest["format"] == "dist_mtl-shards/1"
+    assert manifest["tasks"] == [{"name": name, "classes": 2} for name in CELEBA_ATTRIBUTES]
+    assert manifest["input"] == {"key": "jpg", "shape": None, "dtype": "uint8"}
+    assert manifest["labels"] == {"key": "cls.npy"}
     assert {s: manifest["splits"][s]["count"] for s in ("train", "val", "test")} == {
         "train": 24,
         "val": 3,
         "test": 3,
     }
+    for split in manifest["splits"].values():  # CelebA labels every attribute of every image
+        assert split["labelled"] == [split["count"]] * 40
+        assert all(s["bytes"] == (shards / s["name"]).stat().st_size for s in split["shards"])
     names = [s["name"] for s in manifest["splits"]["train"]["shards"]]
     assert names == [f"train-{i:06d}.tar" for i in range(6)]
     assert sorted(p.name for p in shards.iterdir()) == sorted(
@@ -176,9 +175,40 @@ def test_conversion_writes_shards_and_manifest(mini_root, shards):
         members = tar.getnames()
         assert members[:2] == ["000005.cls.npy", "000005.jpg"] and len(members) == 8
         jpeg = tar.extractfile("000005.jpg").read()
-        labels = np.load(io.BytesIO(tar.extractfile("000005.cls.npy").read()))
+        labels = np.load(io.BytesIO(tar.extractfile("000005.cls.npy").read()), allow_pickle=False)
     assert jpeg == (mini_root / "Img/img_align_celeba/000005.jpg").read_bytes()
-    assert labels.tolist() == load_celeba_index(mini_root).labels[4].tolist()
+    assert labels.dtype == np.int8 and labels.tolist() == load_celeba_index(mini_root).labels[4].tolist()
+    read_manifest(shards)  # the generic reader accepts it: counts, byte sizes, labelled counts
+
+
+def _stored_pixels(directory: Path, split: str) -> np.ndarray:
+    """uint8 (N, 3, H, W) of every image of ``split``, decoded from the shards with webdataset."""
+    urls = [str(directory / s.name) for s in read_manifest(directory).shards(split)]
+    images = [np.asarray(sample["jpg"]) for sample in wds.WebDataset(urls, shardshuffle=False).decode("rgb8")]
+    return np.stack(images).transpose(0, 3, 1, 2)
+
+
+def test_normalisation_is_measured_on_the_train_images_as_stored(mini_root, shards, tmp_path):
+    manifest = read_manifest(shards)
+    train = _stored_pixels(shards, "train").astype(np.float64) / 255  # original JPEGs, decoded
+    assert train.shape == (24, 3, 44, 36)
+    assert np.allclose(manifest.mean, train.mean(axis=(0, 2, 3)), rtol=0, atol=1e-12)
+    assert np.allclose(manifest.std, train.std(axis=(0, 2, 3)), rtol=0, atol=1e-12)
+    # Resized: the statistics of the resized images (before the JPEG re-encoding).
+    convert_celeba(mini_root, tmp_path / "small", image_size=10, progress=False)
+    index = load_celeba_index(mini_root)
+    resized = np.stack(
+        [
+            np.asarray(resize_square(decode_image((index.layout.images_dir / name).read_bytes(), name), 10))
+            for name in (index.filenames[row] for row in index.split_indices("train"))
+        ]
+    ).astype(np.float64)
+    small = read_manifest(tmp_path / "small")
+    assert small.input_shape == (3, 10, 10)
+    assert np.allclose(small.mean, resized.mean(axis=(0, 1, 2)) / 255, rtol=0, atol=1e-12)
+    assert np.allclose(small.std, resized.std(axis=(0, 1, 2)) / 255, rtol=0, atol=1e-12)
+    stored = _stored_pixels(tmp_path / "small", "train").astype(np.float64) / 255
+    assert np.allclose(small.mean, stored.mean(axis=(0, 2, 3)), atol=0.01)  # JPEG changes pixels a little
 
 
 def test_resized_conversion_replaces_an_earlier_one(mini_root, tmp_path):
@@ -187,11 +217,8 @@ def test_resized_conversion_replaces_an_earlier_one(mini_root, tmp_path):
     assert (out / "val-000000.tar").exists()
     convert_celeba(mini_root, out, image_size=12, shard_size=10, splits=("test", "train"))
     manifest = read_manifest(out)
-    assert (
-        manifest.image_size == 12
-        and manifest.stats_split == "train"
-        and set(manifest.splits) == {"train", "test"}
-    )
+    assert manifest.input_shape == (3, 12, 12) and manifest.stats_split == "train"
+    assert list(manifest.splits) == ["test", "train"]
     assert [s.count for s in manifest.shards("train")] == [10, 10, 4]
     assert not (out / "val-000000.tar").exists()  # nothing of the earlier conversion survives
     with tarfile.open(out / "train-000000.tar") as tar:
@@ -218,75 +245,3 @@ def test_conversion_refuses_to_replace_an_unrelated_directory(mini_root, tmp_pat
         convert_celeba(mini_root, tmp_path)
     with pytest.raises(ValueError, match="splits: expected distinct names among train, val, test"):
         convert_celeba(mini_root, tmp_path / "x", splits=("train", "dev"))
-
-
-def test_build_dataset_reads_shards_in_manifest_order(mini_root, shards):
-    train, test = build_dataset("celeba", seed=0, path=str(shards), image_size=16)
-    index = load_celeba_index(mini_root)
-    assert (
-        train.x.shape == (24, 3, 16, 16) and train.x.dtype == torch.float32 and test.x.shape == (3, 3, 16, 16)
-    )
-    assert [t.name for t in train.tasks] == list(CELEBA_ATTRIBUTES) and {
-        t.num_classes for t in train.tasks
-    } == {2}
-    assert torch.equal(train.y, torch.from_numpy(index.labels[index.split_indices("train")]).long())
-    assert torch.equal(test.y, torch.from_numpy(index.labels[index.split_indices("test")]).long())
-    assert train.x.mean(dim=(0, 2, 3)).abs().max() < 0.1  # normalised with the train-split statistics
-    val, _ = build_dataset("celeba", seed=0, path=str(shards), image_size=8, max_samples=5, test_split="val")
-    assert val.x.shape == (5, 3, 8, 8) and torch.equal(val.y, train.y[:5])
-
-
-def test_build_dataset_celeba_path_errors(tmp_path):
-    with pytest.raises(ConfigError, match=f"^data.path: no such directory: {tmp_path / 'absent'}$"):
-        build_dataset("celeba", seed=0, path=str(tmp_path / "absent"))
-    with pytest.raises(FileNotFoundError, match="manifest.json: missing"):
-        build_dataset("celeba", seed=0, path=str(tmp_path))
-    for path in (None, ""):
-        with pytest.raises(ConfigError, match="^data.path: celeba needs the directory of shards"):
-            build_dataset("celeba", seed=0, path=path)
-    with pytest.raises(ConfigError, match="^data.image_size: expected an integer >= 1, got 0"):
-        build_dataset("celeba", seed=0, path=str(tmp_path), image_size=0)
-
-
-def _fingerprints(stream) -> list[bytes]:
-    return [x.numpy().tobytes() + y.numpy().tobytes() for x, y in stream]
-
-
-def test_same_replica_index_reads_identical_sequences_and_replicas_are_disjoint(shards):
-    manifest = read_manifest(shards)
-    kwargs = {"num_replicas": 3, "image_size": 8}
-    first = _fingerprints(iter_celeba_shards(shards, "train", replica_index=1, **kwargs))
-    second = _fingerprints(iter_celeba_shards(shards, "train", replica_index=1, **kwargs))
-    assert first == second and len(first) == 8
-    assert replica_shards(manifest, "train", replica_index=1, num_replicas=3) == (
-        "train-000001.tar",
-        "train-000004.tar",
-    )
-    per_replica = [
-        _fingerprints(iter_celeba_shards(shards, "train", replica_index=r, **kwargs)) for r in range(3)
-    ]
-    everything = _fingerprints(
-        iter_celeba_shards(shards, "train", replica_index=0, num_replicas=1, image_size=8)
-    )
-    assert sum(len(p) for p in per_replica) == len(everything) == 24
-    assert set().union(*map(set, per_replica)) == set(everything)
-    assert not set(per_replica[0]) & set(per_replica[1]) and not set(per_replica[1]) & set(per_replica[2])
-    shuffled = [
-        _fingerprints(iter_celeba_shards(shards, "train", replica_index=0, seed=7, **kwargs)) for _ in "ab"
-    ]
-    assert shuffled[0] == shuffled[1] and sorted(shuffled[0]) == sorted(per_replica[0])
-
-
-def test_reader_checks_arguments_and_shards_before_reading(shards, tmp_path):
-    with pytest.raises(ValueError, match="split 'val' has 1 shards but 2 replicas read it.*shard_size <= 1"):
-        iter_celeba_shards(shards, "val", replica_index=0, num_replicas=2)
-    with pytest.raises(ValueError, match="replica_index must be in \\[0, 2\\), got 2"):
-        iter_celeba_shards(shards, "train", replica_index=2, num_replicas=2)
-    broken = Path(shutil.copytree(shards, tmp_path / "broken"))
-    (broken / "train-000002.tar").unlink()
-    with pytest.raises(FileNotFoundError, match="train-000002.tar is listed but missing"):
-        iter_celeba_shards(broken, "train", replica_index=0, num_replicas=2)
-    with pytest.raises(
-        ValueError, match="split 'dev' is not in manifest.json; converted splits: train, val, test"
-    ):
-        iter_celeba_shards(shards, "dev", replica_index=0, num_replicas=1)
