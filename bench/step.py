@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from dist_mtl.build import build_balancer_for, build_optimizer  # noqa: E402
 from dist_mtl.config import RunConfig, load_config  # noqa: E402
+from dist_mtl.data.memory import part_rows  # noqa: E402
 from dist_mtl.engine.launch import device_mesh, process_group  # noqa: E402
 from dist_mtl.engine.layout import resolve_layout  # noqa: E402
 from dist_mtl.engine.runtime import Engine  # noqa: E402
@@ -127,9 +128,16 @@ class UniformStep:
             self.optimizer.step()
 
 
-def measure(step: Any, tasks: int, steps: int, warmup: int) -> dict[str, list[float]]:
-    """Per measured step: the phase times, the accounted bytes and the bytes written to sockets."""
+def measure(
+    step: Any, tasks: int, steps: int, warmup: int, part: tuple[int, int] = (0, 1)
+) -> dict[str, list[float]]:
+    """Per measured step: the phase times, the accounted bytes and the bytes written to sockets.
+
+    `part`: the rank's part of the global batch (`Engine.data_part`), which is what a step takes.
+    """
     x, y = make_batch(tasks)
+    rows = part_rows(x.shape[0], part)
+    x, y = x[rows], y[rows]
     rec = StepRecorder()
     keys = [f"time/{p}" for p in PHASES] + ["time/step", "bytes_sent/total", "bytes_recv/total", "written"]
     out: dict[str, list[float]] = {key: [] for key in keys}
@@ -179,7 +187,8 @@ def worker(spec_path: str) -> None:
             step = engine.make_step(cfg, model, build_balancer_for(cfg), optimizer)
             dist.barrier()
             steps, warmup = spec["steps"][model_name]
-            results[f"{model_name}/{tasks}/{protocol}"] = measure(step, tasks, steps, warmup)
+            key = f"{model_name}/{tasks}/{protocol}"
+            results[key] = measure(step, tasks, steps, warmup, engine.data_part)
     Path(spec["out"], f"rank{rank}.json").write_text(json.dumps(results))
 
 

@@ -38,7 +38,8 @@ def load_full_state(
 
 
 class Step(Protocol):
-    """One training step on the global batch; implemented by the reference and by the engine."""
+    """One training step on this rank's part of the global batch (`Backend.data_part`); implemented
+    by the reference (one part: the whole batch) and by the engine."""
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder) -> StepResult: ...
 
@@ -49,6 +50,9 @@ class Backend(Protocol):
     rank: int
     world_size: int
     device: torch.device
+    # (index, parts): this rank reads part `index` of `parts` disjoint parts of every global batch;
+    # the ranks of one task group share a part (exact mode), every rank is its own part in rep.
+    data_part: tuple[int, int]
 
     def make_step(
         self, cfg: RunConfig, model: MultiTaskModel, balancer: Balancer, optimizer: torch.optim.Optimizer
@@ -82,6 +86,7 @@ class SingleProcess:
 
     rank = 0
     world_size = 1
+    data_part = (0, 1)
 
     def __init__(self, device: torch.device) -> None:
         self.device = device

@@ -10,7 +10,7 @@ import torch
 
 from dist_mtl.balancers import Balancer, balancer_options, build_balancer
 from dist_mtl.config import RunConfig
-from dist_mtl.data import MultiTaskDataset, build_dataset, dataset_options
+from dist_mtl.data import BatchSource, MemorySource, MultiTaskDataset, build_dataset, dataset_options
 from dist_mtl.errors import ConfigError
 from dist_mtl.models import MultiTaskModel, build_model
 
@@ -23,7 +23,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_datasets(cfg: RunConfig) -> tuple[MultiTaskDataset, MultiTaskDataset]:
+def build_datasets(cfg: RunConfig) -> tuple[MultiTaskDataset, MultiTaskDataset] | BatchSource:
     """The (train, test) splits, given every data field the data set's builder takes.
 
     A field left at None means "the data set's default" and is not passed, so the builder's own
@@ -34,7 +34,17 @@ def build_datasets(cfg: RunConfig) -> tuple[MultiTaskDataset, MultiTaskDataset]:
     return build_dataset(d.name, seed=cfg.seed, **options)
 
 
-def build_model_for(cfg: RunConfig, train: MultiTaskDataset) -> MultiTaskModel:
+DataSource = BatchSource
+
+
+def build_source(cfg: RunConfig) -> BatchSource:
+    """The configured data as the trainer's batch source: in memory for the bundled sets, streamed
+    (`ShardSource`) for shard directories."""
+    built = build_datasets(cfg)
+    return MemorySource(*built) if isinstance(built, tuple) else built
+
+
+def build_model_for(cfg: RunConfig, train: MultiTaskDataset | BatchSource) -> MultiTaskModel:
     """The configured model, seeded by cfg.seed; `build_model`'s refusals become ConfigError (exit 2)."""
     torch.manual_seed(cfg.seed)
     m = cfg.model

@@ -35,7 +35,9 @@ def _synthetic_default(option: str) -> Any:
 
 @dataclass
 class DataConfig:
-    name: str = "multidigits"  # multidigits | synthetic | celeba
+    # multidigits | synthetic (bundled, in memory) | shards (any directory written by `dist-mtl data
+    # celeba` or `dist-mtl data arrays`, streamed) | celeba (the same as shards)
+    name: str = "multidigits"
     tasks: str = "pair"  # multidigits: "pair" (left/right digit) or "binary" (derived binary tasks)
     num_tasks: int | None = (
         None  # multidigits binary / synthetic: number of tasks (None = the data set's default)
@@ -43,12 +45,20 @@ class DataConfig:
     train_size: int = 20000  # composed / generated training samples (multidigits, synthetic)
     test_size: int = 4000  # composed / generated test samples
     input_dim: int = 64  # synthetic: input dimension
-    path: str = ""  # celeba: directory of webdataset shards written by `dist-mtl data celeba`
-    image_size: int = 64  # celeba: images are resized to this square size
-    max_samples: int | None = None  # celeba: cap on samples read per split (None = all)
+    path: str = ""  # shards / celeba: the shard directory (with its manifest.json)
+    image_size: int = 64  # shards / celeba: encoded images are resized to this square size
+    max_samples: int | None = None  # shards / celeba: only the first N samples of each split (None = all)
+    test_split: str = "test"  # shards / celeba: the split evaluated ("test", or "val" for CelebA)
+    workers: int = 0  # shards / celeba: loader worker processes per rank (0 = read in the training process)
+    shuffle_buffer: int = 2000  # shards / celeba: samples in the seeded shuffle buffer (>= 1)
+    # shards / celeba: what a corrupt sample does: raise (an error naming shard and key) or skip (the
+    # sample is masked as unlabelled on every rank of its group, and counted)
+    on_error: str = "raise"
     num_clusters: int = _synthetic_default("num_clusters")  # synthetic: task clusters, in [1, num_tasks]
     # synthetic: paired clusters have centres with cosine -conflict (planted conflicts), in [0, 1]
     conflict: float = _synthetic_default("conflict")
+    # synthetic: fraction of (sample, task) labels removed (-1 = no label), in [0, 1)
+    missing_labels: float = _synthetic_default("missing_labels")
     batch_size: int = 256  # global batch per task group (every rank of a group sees the same batch)
 
 
@@ -82,6 +92,15 @@ class OptimConfig:
     lr: float = 2e-3  # learning rate (> 0)
     momentum: float = 0.9  # sgd momentum
     weight_decay: float = 0.0  # L2 weight decay (>= 0)
+    lr_decay: float = 1.0  # multiply the learning rate by this every decay_every epochs, in (0, 1]
+    decay_every: int = 0  # epochs between learning-rate decays (0 = constant learning rate)
+
+
+@dataclass
+class EvalConfig:
+    # single-task results (a summary.json, or JSON {task: error}) to report Delta-m% against ("" = none)
+    baseline: str = ""
+    batch_size: int = 1024  # evaluation batch per rank
 
 
 @dataclass
@@ -137,6 +156,7 @@ class RunConfig:
     balancer: BalancerConfig = field(default_factory=BalancerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     observe: ObserveConfig = field(default_factory=ObserveConfig)
 
@@ -152,13 +172,14 @@ ENCODER_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 # The optim fields each optimizer reads.
 OPTIMIZER_OPTIONS: dict[str, tuple[str, ...]] = {
-    "adam": ("lr", "weight_decay"),
-    "sgd": ("lr", "momentum", "weight_decay"),
+    "adam": ("lr", "weight_decay", "lr_decay", "decay_every"),
+    "sgd": ("lr", "momentum", "weight_decay", "lr_decay", "decay_every"),
 }
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": DATASET_NAMES,
     "data.tasks": ("pair", "binary"),
+    "data.on_error": ("raise", "skip"),
     "model.encoder": ENCODER_NAMES,
     "model.norm": NORM_NAMES,
     "balancer.name": BALANCER_NAMES,
@@ -186,6 +207,8 @@ _POSITIVE = (
     "data.input_dim",
     "model.rep_dim",
     "model.width",
+    "data.shuffle_buffer",
+    "eval.batch_size",
 )
 _NON_NEGATIVE = (
     "optim.momentum",
@@ -198,6 +221,8 @@ _NON_NEGATIVE = (
     "train.descent_check_every",
     "engine.replicas",
     "engine.task_parallel",
+    "data.workers",
+    "optim.decay_every",
     "engine.checksum_every",
     "observe.profiler_start",
     "observe.profiler_steps",
@@ -258,6 +283,8 @@ def _check_ranges(cfg: RunConfig) -> None:
         raise ConfigError(
             f"train.max_skipped_fraction must be in [0, 1]; got {cfg.train.max_skipped_fraction!r}"
         )
+    if not 0.0 < cfg.optim.lr_decay <= 1.0:
+        raise ConfigError(f"optim.lr_decay must be in (0, 1]; got {cfg.optim.lr_decay!r}")
     if not 0.0 < cfg.engine.topk_ratio <= 1.0:
         raise ConfigError(f"engine.topk_ratio must be in (0, 1]; got {cfg.engine.topk_ratio!r}")
     if any(w <= 0 for w in cfg.model.hidden):
@@ -268,10 +295,19 @@ def _check_ranges(cfg: RunConfig) -> None:
 
 def _check_relations(cfg: RunConfig) -> None:
     """Checks that relate several fields, or a field and the file system."""
-    if cfg.data.name == "celeba" and not cfg.data.path:
-        raise ConfigError("data.path must name a directory of CelebA shards when data.name is 'celeba'")
+    if cfg.data.name in ("shards", "celeba") and not cfg.data.path:
+        raise ConfigError(
+            f"data.path must name a shard directory (with manifest.json) when data.name is {cfg.data.name!r}"
+        )
     if cfg.data.path and not Path(cfg.data.path).exists():
         raise ConfigError(f"data.path: no such file or directory: {cfg.data.path}")
+    if (cfg.optim.lr_decay != 1.0) != (cfg.optim.decay_every > 0):
+        raise ConfigError(
+            f"optim.lr_decay {cfg.optim.lr_decay:g} and optim.decay_every {cfg.optim.decay_every} must be "
+            "set together (a decay below 1 every N > 0 epochs), or left at 1 and 0 for a constant rate"
+        )
+    if cfg.eval.baseline and not Path(cfg.eval.baseline).is_file():
+        raise ConfigError(f"eval.baseline: no such file: {cfg.eval.baseline}")
     if cfg.train.epochs == 0 and cfg.train.steps == 0:
         raise ConfigError("train.epochs and train.steps are both 0: set one of them to a positive number")
     if not cfg.run_dir:

@@ -48,18 +48,41 @@ class FlatGradBuffer:
         self.buffer.copy_(flat)
 
 
-def task_loss_list(logits: Sequence[torch.Tensor], targets: torch.Tensor) -> list[torch.Tensor]:
-    """Batch-mean cross-entropy of each task, each its own graph root; `targets` is (B, T) class indices.
+MISSING_LABEL = -1  # a target of -1: this sample has no label for this task
+
+
+def labelled_counts(targets: torch.Tensor) -> torch.Tensor:
+    """(T,) float32 count of labelled samples per task (targets != -1), on the targets' device."""
+    return (targets != MISSING_LABEL).sum(0, dtype=torch.float32)
+
+
+def task_loss_list(
+    logits: Sequence[torch.Tensor], targets: torch.Tensor, counts: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """Cross-entropy of each task averaged over its labelled samples, each its own graph root.
+
+    `targets` is (B, T) class indices, -1 where a sample has no label for the task. Task t's loss is
+    the sum over its labelled samples divided by `counts[t]`, the number of labelled samples of t in
+    the whole (global) batch: the default counts this batch; a data-parallel part passes the global
+    counts, so that summing the parts' losses and gradients gives the global batch's. A task with no
+    label in the batch has loss 0 and a zero gradient (the sum over nothing, divided by 1).
 
     Differentiate task t through its own entry: indexing a stacked tensor instead would run every
     head's backward (with zero gradients) for every task, O(T) per task and O(T^2) per step.
     """
-    return [nn.functional.cross_entropy(out, targets[:, i]) for i, out in enumerate(logits)]
+    inverse = 1.0 / (labelled_counts(targets) if counts is None else counts).clamp_min(1.0)
+    return [
+        nn.functional.cross_entropy(out, targets[:, i], ignore_index=MISSING_LABEL, reduction="sum")
+        * inverse[i]
+        for i, out in enumerate(logits)
+    ]
 
 
-def task_losses(logits: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-    """The task losses as one (T,) tensor, for whole-vector uses (sums, copies, evaluation)."""
-    return torch.stack(task_loss_list(logits, targets))
+def task_losses(
+    logits: Sequence[torch.Tensor], targets: torch.Tensor, counts: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The task losses as one (T,) tensor, for whole-vector uses (sums, copies)."""
+    return torch.stack(task_loss_list(logits, targets, counts))
 
 
 def flatten_parameters(params: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -29,12 +29,19 @@ class StepResult:
 
 
 def representation_forward(
-    model: MultiTaskModel, x: torch.Tensor, y: torch.Tensor, tasks: Sequence[int]
+    model: MultiTaskModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    tasks: Sequence[int],
+    counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """(Z, a detached leaf copy of Z, the tasks' losses computed from the leaf): heads see only the leaf."""
+    """(Z, a detached leaf copy of Z, the tasks' losses computed from the leaf): heads see only the leaf.
+
+    `counts`: labelled samples per task in the global batch (default: in this batch).
+    """
     z = model.encode(x)
     z_leaf = z.detach().requires_grad_(True)
-    return z, z_leaf, task_loss_list(model.head_logits(z_leaf, tasks), y)
+    return z, z_leaf, task_loss_list(model.head_logits(z_leaf, tasks), y, counts)
 
 
 def representation_backward(

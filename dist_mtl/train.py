@@ -17,17 +17,15 @@ from pathlib import Path
 
 import torch
 
-from dist_mtl.build import build_datasets, resolve_device
+from dist_mtl.build import build_source, resolve_device
 from dist_mtl.config import RunConfig, check_batch_fits, load_config, split_config_and_overrides
-from dist_mtl.data import MultiTaskDataset, dataset_num_tasks
+from dist_mtl.data import BatchSource, dataset_num_tasks
 from dist_mtl.engine import Engine, Layout, process_group, resolve_layout
 from dist_mtl.engine.checksum import ReplicaDivergenceError
 from dist_mtl.engine.comm import CollectiveError
 from dist_mtl.errors import TrainingFailed, UserError
 from dist_mtl.rundir import check_run_dir, prepare_run_dir
 from dist_mtl.trainer import format_summary, train
-
-Datasets = tuple[MultiTaskDataset, MultiTaskDataset]
 
 
 def preflight(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> torch.device:
@@ -50,12 +48,12 @@ def check_layout(cfg: RunConfig, world_size: int) -> Layout:
     return resolve_layout(cfg, world_size, num_tasks(cfg))
 
 
-def build_checked_datasets(cfg: RunConfig) -> Datasets:
-    """The splits, and the batch checked against the training split's real size (celeba's is
-    known only now; config-sized splits were checked at load)."""
-    datasets = build_datasets(cfg)
-    check_batch_fits(cfg, len(datasets[0]), source="as built")
-    return datasets
+def build_checked_source(cfg: RunConfig) -> BatchSource:
+    """The batch source, and the batch checked against the training split's real size (a shard
+    directory's is known only now; config-sized splits were checked at load)."""
+    source = build_source(cfg)
+    check_batch_fits(cfg, source.train_count(), source="as built")
+    return source
 
 
 def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> int:
@@ -64,7 +62,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> int
         return run_distributed(cfg, resume=resume, overwrite=overwrite)
     num_tasks(cfg)  # the task options, checked without building the data
     preflight(cfg, resume=resume, overwrite=overwrite)
-    summary = train(cfg, resume=resume, overwrite=overwrite, datasets=build_checked_datasets(cfg))
+    summary = train(cfg, resume=resume, overwrite=overwrite, datasets=build_checked_source(cfg))
     print(format_summary(summary))
     print(f"run directory: {cfg.run_dir}")
     return 0
@@ -76,14 +74,14 @@ def run_distributed(cfg: RunConfig, *, resume: bool = False, overwrite: bool = F
     world_size = int(os.environ["WORLD_SIZE"])
     layout = check_layout(cfg, world_size)
     device = preflight(cfg, resume=resume, overwrite=overwrite)
-    datasets = build_checked_datasets(cfg)
+    source = build_checked_source(cfg)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     try:
         with process_group(layout, device, cfg.engine.timeout_s) as mesh:
             engine = Engine(cfg, layout, mesh, device)
-            summary = train(cfg, resume=resume, overwrite=overwrite, backend=engine, datasets=datasets)
+            summary = train(cfg, resume=resume, overwrite=overwrite, backend=engine, datasets=source)
     except (CollectiveError, ReplicaDivergenceError) as exc:
         print(f"dist_mtl.train: rank {rank}: error: {exc}", file=sys.stderr, flush=True)
         return 1

@@ -1,14 +1,16 @@
 """The training loop: data -> step -> log -> eval -> checkpoint, and the run directory it writes.
 
-Batches are a pure function of (seed, step): the epoch's permutation comes from a generator seeded
-by (seed, epoch). A resumed run therefore sees exactly the batches an uninterrupted run would.
+Data comes from a batch source (`dist_mtl.data.MemorySource` for the bundled sets, the streamed
+`ShardSource` for shard directories) whose batches are a pure function of (seed, step, data part),
+so a resumed run sees exactly the batches an uninterrupted run would. Each rank reads only its
+part of every global batch (`Backend.data_part`).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,78 +19,36 @@ from tqdm import tqdm
 
 from dist_mtl.backend import Backend, SingleProcess
 from dist_mtl.build import (
+    DataSource,
     build_balancer_for,
-    build_datasets,
     build_model_for,
     build_optimizer,
+    build_source,
     resolve_device,
 )
 from dist_mtl.checkpoint import load_latest_checkpoint, save_checkpoint
 from dist_mtl.config import RunConfig, config_to_dict, save_config
-from dist_mtl.data import MultiTaskDataset
-from dist_mtl.errors import CheckpointError, ConfigError, TrainingFailed
-from dist_mtl.gradients import task_losses
-from dist_mtl.models import MultiTaskModel
+from dist_mtl.data import MemorySource, MultiTaskDataset
+from dist_mtl.errors import CheckpointError, TrainingFailed
+from dist_mtl.gradients import labelled_counts
+from dist_mtl.metrics import evaluate, load_baseline, metric_scalars, summary_metrics
 from dist_mtl.observe import JsonlSink, MetricSink, MultiSink, ProfilerWindow, StepRecorder, TensorBoardSink
+from dist_mtl.observe.gramians import truncate_gramians, write_gramian
 from dist_mtl.reference import StepResult
 from dist_mtl.rundir import check_resumable, prepare_run_dir, truncate_records
 
 
-def steps_per_epoch(num_samples: int, batch_size: int) -> int:
-    if batch_size > num_samples:
-        raise ConfigError(
-            f"data.batch_size {batch_size} exceeds the {num_samples} training samples; "
-            f"use at most {num_samples}"
-        )
-    return num_samples // batch_size
+def total_steps(cfg: RunConfig, per_epoch: int) -> int:
+    return cfg.train.steps or cfg.train.epochs * per_epoch
 
 
-def total_steps(cfg: RunConfig, num_samples: int) -> int:
-    return cfg.train.steps or cfg.train.epochs * steps_per_epoch(num_samples, cfg.data.batch_size)
-
-
-def batch_indices(num_samples: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
-    """Indices of the global batch of `step`: drop-last batches of a per-epoch seeded permutation."""
-    per_epoch = steps_per_epoch(num_samples, batch_size)
-    epoch, i = divmod(step, per_epoch)
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(num_samples, generator=gen)
-    return perm[i * batch_size : (i + 1) * batch_size]
-
-
-@torch.no_grad()
-def evaluate(
-    model: MultiTaskModel,
-    data: MultiTaskDataset,
-    device: torch.device,
-    batch_size: int = 1024,
-    *,
-    part: tuple[int, int] = (0, 1),
-    all_reduce: Callable[[torch.Tensor], None] | None = None,
-) -> dict[str, dict[str, float]]:
-    """Per-task mean loss and accuracy on a whole split.
-
-    With `part` = (index, parts) this process evaluates only its contiguous share of the split and
-    `all_reduce` (an in-place sum over the processes) combines the sums, so evaluation is spread
-    over the ranks instead of leaving them idle behind rank 0. Sums stay on the device until the end.
-    """
-    was_training = model.training
-    model.eval()
-    index, parts = part
-    n = len(data)
-    sums = torch.zeros(2, len(data.tasks), dtype=torch.float64, device=device)  # loss sums, correct counts
-    for start in range(n * index // parts, n * (index + 1) // parts, batch_size):
-        stop = min(start + batch_size, n * (index + 1) // parts)
-        x = data.x[start:stop].to(device)
-        y = data.y[start:stop].to(device)
-        logits = model(x)
-        sums[0] += task_losses(logits, y).double() * (stop - start)
-        sums[1] += torch.stack([(out.argmax(1) == y[:, i]).sum() for i, out in enumerate(logits)]).double()
-    if all_reduce is not None:
-        all_reduce(sums)
-    model.train(was_training)
-    means = (sums / n).cpu().tolist()
-    return {spec.name: {"loss": means[0][i], "accuracy": means[1][i]} for i, spec in enumerate(data.tasks)}
+def learning_rate(cfg: RunConfig, step: int, per_epoch: int) -> float:
+    """optim.lr, multiplied by optim.lr_decay once every optim.decay_every epochs (a pure function
+    of the step, so a resumed run needs no scheduler state)."""
+    o = cfg.optim
+    if not o.decay_every:
+        return o.lr
+    return o.lr * o.lr_decay ** ((step // per_epoch) // o.decay_every)
 
 
 def make_sinks(cfg: RunConfig, rank: int, world_size: int, resumed_at: int | None) -> MetricSink:
@@ -163,25 +123,31 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     backend: Backend | None = None,
-    datasets: tuple[MultiTaskDataset, MultiTaskDataset] | None = None,
+    datasets: DataSource | tuple[MultiTaskDataset, MultiTaskDataset] | None = None,
 ) -> dict[str, Any]:
     """Run training as configured; returns (and on rank 0 writes) the run summary.
 
-    `backend` defaults to one process on train.device; `datasets` to building them from the config.
-    `overwrite` allows training into a run directory that already holds a run, without `resume`.
+    `backend` defaults to one process on train.device; `datasets` (a batch source, or in-memory
+    (train, test) splits) to building the source from the config. `overwrite` allows training into
+    a run directory that already holds a run, without `resume`.
     """
     rt = backend or SingleProcess(resolve_device(cfg.train.device))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     run_dir = Path(cfg.run_dir)
-    train_set, test_set = datasets or build_datasets(cfg)
-    model = build_model_for(cfg, train_set).to(rt.device)
+    source = build_source(cfg) if datasets is None else datasets
+    if isinstance(source, tuple):
+        source = MemorySource(*source)
+    model = build_model_for(cfg, source).to(rt.device)
     balancer = build_balancer_for(cfg)
     optimizer = build_optimizer(cfg, list(model.parameters()))
     step_fn = rt.make_step(cfg, model, balancer, optimizer)
-    task_names = [t.name for t in train_set.tasks]
-    n_steps = total_steps(cfg, len(train_set))
-    per_epoch = steps_per_epoch(len(train_set), cfg.data.batch_size)
+    tasks = source.tasks
+    task_names = [t.name for t in tasks]
+    batch_size, part = cfg.data.batch_size, rt.data_part
+    per_epoch = source.steps_per_epoch(batch_size, part[1])
+    n_steps = total_steps(cfg, per_epoch)
+    baseline = load_baseline(cfg.eval.baseline, task_names) if cfg.eval.baseline else None
 
     config = config_to_dict(cfg)
 
@@ -190,6 +156,11 @@ def train(
     # Run totals of the per-step solver events (unconverged solves, capped GetMTL steps, degenerate
     # branches): counted on every step, so a record shows what happened between logged steps too.
     events: dict[str, int] = {}
+    # Data counts of the whole run: [corrupt samples masked (data.on_error=skip), labelled samples per
+    # task], as of the checkpoint resumed from, plus this part's counts since this (re)start, kept on
+    # the device so that counting costs no host copy (`run_data_counts` sums the parts).
+    data_before = [0.0] * (1 + len(tasks))
+    skipped_samples = 0  # this part's, since this (re)start, for the logs
     if resume:
         ckpt, _ = load_latest_checkpoint(run_dir)
         saved = json.loads(ckpt["config"]) if "config" in ckpt else None
@@ -208,11 +179,22 @@ def train(
         restarts, wall_before = ckpt.get("restarts", 0) + 1, ckpt.get("wall_time_s", 0.0)
         first_skipped = json.loads(ckpt.get("first_skipped", "[]"))
         events = json.loads(ckpt.get("events", "{}"))
+        data_before = json.loads(ckpt.get("data_counts", "null")) or data_before
     prepare_run_dir(run_dir, resume=resume, overwrite=overwrite, writer=rt.rank == 0)
     rt.barrier()  # rank 0 may have replaced an old run (--overwrite): nobody writes before that is done
     if rt.rank == 0:
         save_config(cfg, run_dir / "config.yaml")
 
+    if resume and rt.rank == 0:
+        truncate_gramians(run_dir, start_step)
+    data_counts = torch.zeros(1 + len(tasks), dtype=torch.float64, device=rt.device)
+    ranks_per_part = rt.world_size // part[1]  # the ranks of one part read the same samples
+
+    def run_data_counts() -> list[float]:
+        """The run's data counts over every part (a collective: every rank calls it)."""
+        total = data_counts.clone()
+        rt.all_reduce(total)
+        return [b + n / ranks_per_part for b, n in zip(data_before, total.cpu().tolist(), strict=True)]
     sinks = make_sinks(cfg, rt.rank, rt.world_size, start_step if resume else None)
     guard = SkipGuard(cfg.train.max_skipped_fraction, n_steps, skipped, first_skipped, cfg.optim.lr)
     sync = torch.cuda.synchronize if (cfg.observe.sync_cuda and rt.device.type == "cuda") else None
@@ -240,8 +222,11 @@ def train(
     def checkpoint(step: int) -> None:
         rt.gather_model()
         st = rt.state_dict()
+        counts = json.dumps(run_data_counts())
         if rt.rank == 0:
             extra = {
+                "data_position": json.dumps(source.position(step, batch_size, part[1])),
+                "data_counts": counts,
                 "skipped": guard.skipped,
                 "first_skipped": json.dumps(guard.first),
                 "events": json.dumps(events),
@@ -253,25 +238,40 @@ def train(
             save_checkpoint(run_dir, step, {**st, **extra})
         rt.barrier()
 
-    def run_eval(step: int, *, log: bool = True) -> dict[str, dict[str, float]]:
+    def run_eval(step: int, *, log: bool = True) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
         rt.gather_model()
-        metrics = evaluate(
-            model, test_set, rt.device, part=(rt.rank, rt.world_size), all_reduce=rt.all_reduce
+        batches = source.eval_batches(
+            batch_size=cfg.eval.batch_size, part=(rt.rank, rt.world_size), device=rt.device
         )
+        metrics = evaluate(model, ((b.x, b.y) for b in batches), rt.device, tasks, all_reduce=rt.all_reduce)
+        overall = summary_metrics(metrics, baseline)
         if rt.rank == 0 and log:
-            flat = {f"test/{k}/{task}": v[k] for task, v in metrics.items() for k in ("loss", "accuracy")}
+            flat = metric_scalars(metrics, overall)
             sinks.write(step, flat)
             history.append({"step": step, **flat})
-        return metrics
+        return metrics, overall
 
     try:
         with profiler:
+            batches = source.train_batches(
+                seed=cfg.seed,
+                batch_size=batch_size,
+                part=part,
+                start_step=start_step,
+                total_steps=n_steps,
+                device=rt.device,
+            )
             for step in range(start_step, n_steps):
                 with rec.phase("data"):
-                    idx = batch_indices(len(train_set), cfg.data.batch_size, cfg.seed, step)
-                    x = train_set.x[idx].to(rt.device, non_blocking=True)
-                    y = train_set.y[idx].to(rt.device, non_blocking=True)
-                result = step_fn(x, y, rec)
+                    batch = next(batches)
+                    skipped_samples += batch.skipped
+                    labelled = labelled_counts(batch.y)
+                    if batch.skipped:
+                        data_counts[0] += batch.skipped
+                    data_counts[1:] += labelled
+                for group in optimizer.param_groups:  # one group: the schedule is a function of the step
+                    group["lr"] = learning_rate(cfg, step, per_epoch)
+                result = step_fn(batch.x, batch.y, rec)
                 profiler.step()
                 record = rec.end_step(step + 1)
                 done = step + 1
@@ -281,7 +281,13 @@ def train(
                 if done % cfg.train.log_every == 0 or done == n_steps:
                     totals = {f"total/{name}": count for name, count in events.items()}
                     counts = {"skipped_steps": guard.skipped, "restart": restarts, **totals}
+                    counts["data/skipped_samples"] = skipped_samples
+                    counts["lr"] = optimizer.param_groups[0]["lr"]
+                    seen = labelled.cpu().tolist()  # this part's batch: one copy per logged step
+                    counts |= {f"labelled/{name}": n for name, n in zip(task_names, seen, strict=True)}
                     sinks.write(done, {**record, **step_scalars(result, task_names), **counts})
+                    if result.solution.gramian is not None and cfg.observe.jsonl:
+                        write_gramian(run_dir, done, result.solution.gramian)
                     bar.set_postfix(loss=f"{float(result.solution.losses.mean()):.4f}", skipped=guard.skipped)
                 bar.update(1)
                 epoch_end = done % per_epoch == 0
@@ -294,11 +300,17 @@ def train(
         bar.close()
         # Resuming a finished run only re-reads its result: its final evaluation and checkpoint exist.
         finished = start_step == n_steps
-        final = run_eval(n_steps, log=not finished)
+        final, overall = run_eval(n_steps, log=not finished)
         if not finished:
             checkpoint(n_steps)
+        data_totals = run_data_counts()
         summary = {
             "tasks": final,
+            "metrics": overall,
+            "data": {
+                "skipped_samples": round(data_totals[0]),
+                "labelled_seen": dict(zip(task_names, map(round, data_totals[1:]), strict=True)),
+            },
             "steps": n_steps,
             "resumed_from": start_step,
             "restarts": restarts,
@@ -320,5 +332,11 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"steps {summary['steps']}  wall {summary['wall_time_s']:.1f}s  skipped {summary['skipped_steps']}"
     ]
     for name, m in summary["tasks"].items():
-        lines.append(f"  {name:<24} loss {m['loss']:.4f}  accuracy {m['accuracy']:.4f}")
+        if "accuracy" not in m:  # no labelled test sample for this task
+            lines.append(f"  {name:<24} no labelled test samples")
+            continue
+        f1 = f"  f1 {m['f1']:.4f}" if "f1" in m else ""
+        lines.append(f"  {name:<24} loss {m['loss']:.4f}  accuracy {m['accuracy']:.4f}{f1}")
+    for name, value in summary.get("metrics", {}).items():
+        lines.append(f"  {name} {value:.4f}")
     return "\n".join(lines)

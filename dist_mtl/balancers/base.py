@@ -35,9 +35,24 @@ class Balancer(ABC):
         return False
 
     def __call__(self, M: ArrayLike, losses: ArrayLike | None = None) -> BalancerOutput:
+        """Coefficients for M; tasks with an exactly zero gradient (a zero row of M) are left out.
+
+        A zero row is what a task with no labelled sample in the batch gives (label -1). Kept in, it
+        would put the zero vector in MGDA's convex hull and stall every task for that step; so the
+        other tasks are balanced among themselves and the zero-gradient tasks get coefficient 0 (their
+        loss cannot change to first order anyway). Counted as `degenerate_zero_gradient_tasks`.
+        """
         gramian = as_gramian(M)
         task_losses = as_losses(losses, gramian.shape[0]) if self.needs_losses else None
-        coefficients, info = self.weights(gramian, task_losses)
+        active = np.diag(gramian) > 0.0
+        if active.all() or not active.any():  # nothing to leave out, or nothing would remain
+            coefficients, info = self.weights(gramian, task_losses)
+        else:
+            sub_losses = None if task_losses is None else task_losses[active]
+            sub, info = self.weights(gramian[np.ix_(active, active)], sub_losses)
+            coefficients = np.zeros(gramian.shape[0])
+            coefficients[active] = sub
+        info = {**info, "degenerate_zero_gradient_tasks": float((~active).sum()) if active.any() else 0.0}
         return BalancerOutput(to_torch(coefficients), {k: float(v) for k, v in info.items()})
 
     @abstractmethod

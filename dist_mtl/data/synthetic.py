@@ -114,8 +114,13 @@ def build_synthetic(
     conflict: float = 0.8,
     spread: float = 0.5,
     label_noise: float = 0.1,
+    missing_labels: float = 0.0,
 ) -> tuple[MultiTaskDataset, MultiTaskDataset]:
-    """Train and test splits of the planted problem; x is standard normal, so already normalised."""
+    """Train and test splits of the planted problem; x is standard normal, so already normalised.
+
+    ``missing_labels``: the fraction of (sample, task) labels replaced by -1 ("no label"), drawn
+    independently and seeded, to exercise partially labelled multi-task data.
+    """
     specs = synthetic_tasks(num_tasks)
     require_int("input_dim", input_dim, minimum=2)
     require_int("train_size", train_size, minimum=1)
@@ -124,6 +129,7 @@ def build_synthetic(
     require_float("conflict", conflict, low=0.0, high=1.0, open_low=False, open_high=False)
     require_float("spread", spread, low=0.0, high=100.0, open_low=False, open_high=False)
     require_float("label_noise", label_noise, low=0.0, high=100.0, open_low=False, open_high=False)
+    require_float("missing_labels", missing_labels, low=0.0, high=1.0, open_low=False, open_high=True)
     problem = make_synthetic_problem(
         seed=seed,
         num_tasks=num_tasks,
@@ -136,6 +142,8 @@ def build_synthetic(
 
     def split(size: int, stream: int) -> MultiTaskDataset:
         x, y = problem.sample(size, np.random.default_rng([seed, stream]))
+        if missing_labels:
+            y[np.random.default_rng([seed, stream, 1]).random(y.shape) < missing_labels] = -1
         return MultiTaskDataset(x=torch.from_numpy(x), y=torch.from_numpy(y), tasks=specs)
 
     return split(train_size, 1), split(test_size, 2)

@@ -53,6 +53,10 @@ class Engine:
         self.comm = Comm(self.rank, cfg.engine.timeout_s)
         self.groups = mesh_groups(mesh, layout, self.rank)
         self.state: ReplicatedState | None = None
+        if protocol_class(cfg.engine.protocol).mode == "rep":  # pure data parallelism over the world
+            self.data_part = (self.groups.world.index(self.rank), self.world_size)
+        else:  # the K ranks of a task group share replica r's part
+            self.data_part = (layout.coords(self.rank)[0], layout.replicas)
 
     def make_step(
         self, cfg: RunConfig, model: MultiTaskModel, balancer: Balancer, optimizer: torch.optim.Optimizer

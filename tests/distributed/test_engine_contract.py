@@ -33,6 +33,27 @@ LOSSLESS = ("gather", "gramian")
 REP = ["train.mode=rep", "engine.protocol=rep"]
 SPLIT = ["engine.split=[4,1]"]  # a configured, unbalanced split on the 1 x 2 layout
 STEPS = 4
+# 90% of the labels missing (-1): about 2.4 of a global batch's 24 samples are labelled per task, so
+# some steps have a task with no label at all (a zero Gramian row) and the two replicas' parts hold
+# different labelled counts, which the losses must weigh by the global counts.
+MISSING = ["data.missing_labels=0.9"]
+MISSING_CASES = {
+    "missing-2x2-gramian-mgda": [
+        *MISSING,
+        "engine.replicas=2",
+        "engine.task_parallel=2",
+        "balancer.name=mgda",
+        "engine.protocol=gramian",
+    ],
+    "missing-2x2-gather-getmtl": [
+        *MISSING,
+        "engine.replicas=2",
+        "engine.task_parallel=2",
+        "balancer.name=getmtl",
+        "engine.protocol=gather",
+    ],
+    "missing-rep4-mgda": [*MISSING, *REP, "balancer.name=mgda"],
+}
 
 
 def layout_overrides(d: int, k: int) -> list[str]:
@@ -58,6 +79,7 @@ def world_cases(world_size: int) -> dict[str, dict]:
                 "overrides": [*layout_overrides(1, 2), *SPLIT, "balancer.name=mgda", f"engine.protocol={p}"]
             }
     if world_size == 4:
+        cases |= {name: {"overrides": o} for name, o in MISSING_CASES.items()}
         cases["resume"] = {
             "overrides": [
                 *layout_overrides(2, 2),
@@ -179,6 +201,15 @@ def test_configured_uneven_split_equals_reference(distributed_runs, reference) -
         for p in LOSSLESS
     }
     check_cases(distributed_runs(2), cases, reference, 2)
+
+
+@pytest.mark.timeout(300)
+def test_missing_labels_equal_single_process(distributed_runs, reference) -> None:
+    """Label -1 on 90% of (sample, task) pairs: 2 x 2 exact and 4-rank rep runs equal one process."""
+    check_cases(distributed_runs(4), MISSING_CASES, reference, 4)
+    # The runs did meet batches in which a task had no label (a zero Gramian row, left out).
+    events = load(distributed_runs(4) / "missing-2x2-gramian-mgda" / "checkpoints" / "last.pt")["events"]
+    assert json.loads(events)["degenerate_zero_gradient_tasks"] > 0
 
 
 @pytest.mark.timeout(300)

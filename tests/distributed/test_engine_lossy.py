@@ -36,9 +36,9 @@ import torch
 
 from dist_mtl.build import build_balancer_for, build_datasets, build_model_for
 from dist_mtl.config import RunConfig, load_config
+from dist_mtl.data.memory import batch_indices
 from dist_mtl.engine.codecs import build_codec
 from dist_mtl.gradients import task_losses
-from dist_mtl.trainer import batch_indices
 from tests.distributed.harness import BASE, load, read_jsonl, run_worker, sketch_matrix
 
 pytestmark = [pytest.mark.distributed]

@@ -31,9 +31,11 @@ import torch
 
 from dist_mtl.build import build_balancer_for, build_datasets, build_model_for, build_optimizer
 from dist_mtl.config import load_config
+from dist_mtl.data.memory import batch_indices, part_rows
+from dist_mtl.metrics import dataset_batches, evaluate
 from dist_mtl.observe import StepRecorder
 from dist_mtl.reference import RepStep
-from dist_mtl.trainer import batch_indices, evaluate, train
+from dist_mtl.trainer import train
 from tests.distributed.harness import compare, launch, load, single_process_references
 
 pytestmark = [pytest.mark.distributed]
@@ -214,7 +216,7 @@ def test_batch_norm_checkpoint_and_evaluation_use_the_replica_average(world_size
     train_set, test_set = build_datasets(cfg)
     model = build_model_for(cfg, train_set)
     model.load_state_dict(ckpt["model"])
-    metrics = evaluate(model, test_set, CPU)
+    metrics = evaluate(model, dataset_batches(test_set, CPU), CPU, test_set.tasks)
     summary = json.loads((run_dir / "summary.json").read_text())["tasks"]
     diffs = compare(summary, metrics)
     assert not diffs, "\n".join(diffs)
@@ -303,6 +305,7 @@ def _rank_main(spec_path: str) -> int:
                 opt = build_optimizer(cfg, list(model.parameters()))
                 step = engine.make_step(cfg, model, build_balancer_for(cfg), opt)
                 idx = batch_indices(len(datasets[0]), cfg.data.batch_size, cfg.seed, 0)
+                idx = idx[part_rows(len(idx), engine.data_part)]  # a step takes its rank's part
                 solution = step(datasets[0].x[idx], datasets[0].y[idx], StepRecorder()).solution
                 if rank == 0:
                     run_dir.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from dist_mtl.build import build_balancer_for, build_datasets, build_model_for, build_optimizer
 from dist_mtl.config import load_config
+from dist_mtl.data.memory import batch_indices, part_rows
 from dist_mtl.engine.checksum import ReplicaChecksum, ReplicaDivergenceError
 from dist_mtl.engine.comm import Comm
 from dist_mtl.engine.launch import device_mesh
@@ -30,7 +31,7 @@ from dist_mtl.engine.layout import resolve_layout
 from dist_mtl.engine.runtime import Engine, mesh_groups
 from dist_mtl.gradients import flatten_parameters
 from dist_mtl.observe import StepRecorder
-from dist_mtl.trainer import batch_indices, train
+from dist_mtl.trainer import train
 
 CPU = torch.device("cpu")
 
@@ -89,6 +90,7 @@ def measure_memory(cfg: Any, engine: Engine, train_set: Any, steps: int = 2) -> 
     from torch.profiler import ProfilerActivity, profile, record_function
 
     idx = batch_indices(len(train_set), cfg.data.batch_size, cfg.seed, 0)
+    idx = idx[part_rows(len(idx), engine.data_part)]  # a step takes this rank's part of the batch
     x, y = train_set.x[idx], train_set.y[idx]
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model = build_model_for(cfg, train_set)

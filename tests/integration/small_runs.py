@@ -8,7 +8,7 @@ import pytest
 
 from dist_mtl import trainer as trainer_module
 from dist_mtl.config import RunConfig, load_config
-from dist_mtl.data import MultiTaskDataset
+from dist_mtl.data import MemorySource, MultiTaskDataset
 
 SMALL = [
     "data.train_size=512",
@@ -29,12 +29,13 @@ def small_config(run_dir: Path, *extra: str) -> RunConfig:
 
 def put_nan_in_sample_five(monkeypatch: pytest.MonkeyPatch) -> None:
     """Training sample 5 becomes NaN: the batch holding it (one per epoch) has a non-finite Gramian."""
-    real = trainer_module.build_datasets
+    real = trainer_module.build_source
 
-    def with_a_nan_sample(cfg: RunConfig) -> tuple[MultiTaskDataset, MultiTaskDataset]:
-        train_set, test_set = real(cfg)
+    def with_a_nan_sample(cfg: RunConfig) -> MemorySource:
+        source = real(cfg)
+        train_set = source.train
         x = train_set.x.clone()
         x[5] = float("nan")
-        return MultiTaskDataset(x=x, y=train_set.y, tasks=train_set.tasks), test_set
+        return MemorySource(MultiTaskDataset(x=x, y=train_set.y, tasks=train_set.tasks), source.test)
 
-    monkeypatch.setattr(trainer_module, "build_datasets", with_a_nan_sample)
+    monkeypatch.setattr(trainer_module, "build_source", with_a_nan_sample)

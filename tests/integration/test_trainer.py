@@ -20,7 +20,8 @@ def test_run_directory_has_summary_checkpoints_logs(tmp_path: Path) -> None:
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["steps"] == 8 and set(on_disk["tasks"]) == {"left", "right"}
     for metrics in on_disk["tasks"].values():
-        assert set(metrics) == {"loss", "accuracy"} and 0.0 <= metrics["accuracy"] <= 1.0
+        assert set(metrics) == {"loss", "accuracy", "error", "labelled"} and 0.0 <= metrics["accuracy"] <= 1.0
+        assert metrics["error"] == pytest.approx(1.0 - metrics["accuracy"])
     assert on_disk["config"]["balancer"]["name"] == "mgda" and summary["skipped_steps"] == 0
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["last.pt", "step_00000004.pt", "step_00000008.pt"]

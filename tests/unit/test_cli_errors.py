@@ -11,7 +11,7 @@ import torch
 from dist_mtl import cli
 from dist_mtl import train as train_module
 from dist_mtl.config import load_config
-from dist_mtl.data import build_dataset
+from dist_mtl.data import MemorySource, build_dataset
 from dist_mtl.errors import ConfigError, TrainingFailed
 from dist_mtl.rundir import check_run_dir
 
@@ -32,7 +32,7 @@ def no_data_no_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args, **kwargs):
         raise AssertionError("built data or started ranks before rejecting the input")
 
-    monkeypatch.setattr(train_module, "build_datasets", forbidden)
+    monkeypatch.setattr(train_module, "build_source", forbidden)
     monkeypatch.setattr(cli, "run_torchrun", forbidden)
 
 
@@ -98,13 +98,13 @@ def test_batch_larger_than_a_built_split_is_rejected_before_training(monkeypatch
     """Data sets whose size the config does not fix (celeba) are checked right after they are built."""
     cfg = load_config(None, [*SMALL, f"run_dir={tmp_path}"])
     small = build_dataset("synthetic", seed=0, num_tasks=4, train_size=10, test_size=4)
-    monkeypatch.setattr(train_module, "build_datasets", lambda cfg: small)
+    monkeypatch.setattr(train_module, "build_source", lambda cfg: MemorySource(*small))
     with pytest.raises(
         ConfigError,
         match=r"data.batch_size 16 is larger than the training split of "
         r"'synthetic' \(10 samples, as built\); use data.batch_size <= 10",
     ):
-        train_module.build_checked_datasets(cfg)
+        train_module.build_checked_source(cfg)
 
 
 def test_non_finite_values_are_one_line_errors(capsys, no_data_no_ranks) -> None:

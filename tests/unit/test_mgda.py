@@ -86,14 +86,18 @@ def test_zero_normalisers_are_guarded_and_counted() -> None:
     G[:, 2] = 0.0  # a task with a zero gradient
     losses[3] = 0.0  # a task with a zero loss
     M = torch.tensor(G.T @ G)
-    for kind, clamped in (("l2", 1), ("loss", 1), ("loss+", 2)):
+    # The zero-gradient task is left out of the solve (Balancer.__call__), so only the zero loss of
+    # task 3 is clamped (twice counted by loss+, whose normaliser is loss times norm).
+    for kind, clamped in (("l2", 0), ("loss", 1), ("loss+", 1)):
         out = MGDA(normalization=kind)(M, torch.tensor(losses))
         assert torch.isfinite(out.coefficients).all()
         assert out.info["degenerate_zero_norm"] == clamped
-    # A zero gradient makes the zero vector the min-norm point: a Pareto-stationary step.
-    out = MGDA()(M)
+        assert out.coefficients[2] == 0.0 and out.info["degenerate_zero_gradient_tasks"] == 1.0
+    # Two opposite gradients put the zero vector in the hull: a Pareto-stationary step.
+    opposite = np.stack([G[:, 0], -G[:, 0]], axis=1)
+    out = MGDA()(torch.tensor(opposite.T @ opposite))
     assert out.info["degenerate_pareto_stationary"] == 1.0
-    np.testing.assert_allclose(G @ out.coefficients.numpy(), 0.0, atol=1e-12)
+    np.testing.assert_allclose(opposite @ out.coefficients.numpy(), 0.0, atol=1e-12)
 
 
 def test_solver_diagnostics_are_reported() -> None:

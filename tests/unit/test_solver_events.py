@@ -21,6 +21,7 @@ def test_mgda_counts_an_unconverged_solve() -> None:
         "unconverged_solves": 0,
         "degenerate_zero_norm": 0,
         "degenerate_pareto_stationary": 0,
+        "degenerate_zero_gradient_tasks": 0,
     }
     capped = solve_on_host(build_balancer("mgda", max_iter=1), M, losses)
     assert capped.events["unconverged_solves"] == 1
@@ -32,6 +33,7 @@ def test_getmtl_counts_capped_steps_and_its_degenerate_branches() -> None:
     eps = 0.025
     calm = solve_on_host(build_balancer("getmtl", eps=eps), M * (0.5 / (eps * g0_norm)) ** 2, torch.ones(6))
     keys = {"unconverged_solves", "getmtl_capped", "degenerate_zero_gw", "degenerate_no_scale"}
+    keys.add("degenerate_zero_gradient_tasks")
     assert set(calm.events) == keys
     assert calm.events["unconverged_solves"] == calm.events["getmtl_capped"] == 0
     assert calm.events["degenerate_no_scale"] == 0
@@ -44,7 +46,8 @@ def test_getmtl_counts_capped_steps_and_its_degenerate_branches() -> None:
 def test_balancers_without_solves_report_zero_and_skipped_steps_nothing() -> None:
     M = gramian(8)
     for name in ("uniform", "mamg"):
-        assert solve_on_host(build_balancer(name), M, torch.ones(8)).events == {"unconverged_solves": 0}
+        events = solve_on_host(build_balancer(name), M, torch.ones(8)).events
+        assert events == {"unconverged_solves": 0, "degenerate_zero_gradient_tasks": 0}
     M[0, 1] = float("nan")
     skipped = solve_on_host(build_balancer("mgda"), M, torch.ones(8))
     assert skipped.skipped and skipped.events == {}

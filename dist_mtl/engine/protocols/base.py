@@ -66,7 +66,7 @@ class Protocol(ABC):
 
     @abstractmethod
     def __call__(self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder) -> StepResult:
-        """One training step on the global batch (x, y)."""
+        """One training step on this rank's part (x, y) of the global batch (`Engine.data_part`)."""
 
 
 def solution_bytes(shape: StepShape, rank: int) -> tuple[int, int]:

@@ -1,8 +1,10 @@
 """The exact-mode step shared by the task-parallel protocols (gather, gramian, sketch).
 
-On one rank of a D x K layout: forward the encoder once on the replica's slice of the global batch,
-back-propagate each owned task into the shared parameters (T/K backward passes), average over the
-replica group when D > 1 (one all-reduce of owned gradients, head gradients and losses together),
+On one rank of a D x K layout: forward the encoder once on the replica's part of the global batch,
+back-propagate each owned task into the shared parameters (T/K backward passes), sum over the
+replica group when D > 1 (one all-reduce of owned gradients, head gradients and losses together;
+each replica's losses are already divided by the global batch's labelled counts per task, which a
+tiny all-reduce of T/K counts gives before the forward, so missing labels weigh correctly),
 run the protocol's exchange, and step the optimizer. Heads of other ranks' tasks keep
 `.grad = None`, so the optimizer neither updates them nor allocates state for them.
 
@@ -19,8 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from dist_mtl.engine.protocols.base import Protocol, StepContext
-from dist_mtl.engine.traffic import F32, StepShape, all_reduce_bytes
-from dist_mtl.gradients import FlatGradBuffer, task_loss_list
+from dist_mtl.engine.traffic import F32, StepShape, all_reduce_bytes, total
+from dist_mtl.gradients import FlatGradBuffer, labelled_counts, task_loss_list
 from dist_mtl.observe import StepRecorder
 from dist_mtl.reference import StepResult
 from dist_mtl.solve import Solution
@@ -90,22 +92,29 @@ class TaskParallelProtocol(Protocol):
 
     @staticmethod
     def replica_bytes(shape: StepShape, rank: int, filled: int) -> tuple[int, int]:
-        """The D > 1 replica all-reduce of [owned head grads | `filled` block elements] in float32."""
+        """The D > 1 replica all-reduces: the owned tasks' labelled counts, then [owned head grads |
+        `filled` block elements], both float32."""
         if shape.replicas == 1:
             return 0, 0
         k = rank % shape.k
         head = shape.head_params[k] if shape.head_params else 0
-        return all_reduce_bytes(F32 * (head + filled), shape.replicas)
+        return total(
+            all_reduce_bytes(F32 * shape.split[k], shape.replicas),
+            all_reduce_bytes(F32 * (head + filled), shape.replicas),
+        )
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder) -> StepResult:
-        n = x.shape[0] // self.replicas
-        rows = slice(self.replica * n, (self.replica + 1) * n)
+        """One step on this replica's part (x, y) of the global batch."""
         with self.comm.stepping(rec, self.fault) as step:
-            self._backward(x[rows], y[rows, self.owned.start : self.owned.stop], rec)
+            y = y[:, self.owned.start : self.owned.stop]
+            counts = labelled_counts(y)
+            if self.replicas > 1:
+                with rec.phase("exchange"):
+                    self.comm.all_reduce(counts, self.groups.replica)
+            self._backward(x, y, counts, rec)
             if self.replicas > 1:
                 with rec.phase("exchange"):
                     self.comm.all_reduce(self.replica_part, self.groups.replica)
-                    self.replica_part.div_(self.replicas)
             solution = self.exchange(rec)
             if not solution.skipped:
                 with rec.phase("optimizer"):
@@ -113,10 +122,13 @@ class TaskParallelProtocol(Protocol):
             self.checksum(step, rec)
         return StepResult(solution)
 
-    def _backward(self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder) -> None:
-        """One forward, then one backward per owned task, each task's gradient copied into its slot."""
+    def _backward(self, x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, rec: StepRecorder) -> None:
+        """One forward, then one backward per owned task, each task's gradient copied into its slot.
+
+        `counts`: the owned tasks' labelled samples in the global batch, which each loss is divided by.
+        """
         with rec.phase("forward"):
-            parts = task_loss_list(self.model.head_logits(self.model.encode(x), self.owned), y)
+            parts = task_loss_list(self.model.head_logits(self.model.encode(x), self.owned), y, counts)
         with rec.phase("backward"):
             for i, loss in enumerate(parts):  # the T/K backward passes are the step's work
                 self.shared_grad.buffer.zero_()

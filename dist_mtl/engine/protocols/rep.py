@@ -1,11 +1,11 @@
 """Protocol `rep`: MGDA-UB (or any balancer on representation gradients) with pure data parallelism.
 
-Rank w of W takes slice w of the global batch and runs every head. Its representation gradients are
-those of its local mean losses, W times the global mean loss's (restricted to its samples), so its
-partial Gramian is scaled by 1/W^2 and its head gradients and losses by 1/W; one all-reduce of
-[head grads | losses | partial Gramian] then holds the full-batch values. The coordinator solves and
-broadcasts c, every rank runs one encoder backward of sum_t c_t L_t, and one all-reduce (divided by W)
-gives the full-batch shared gradient.
+Rank w of W takes part w of the global batch and runs every head. Its losses are its labelled sums
+divided by the global batch's labelled counts per task (one tiny all-reduce of T counts first), so its
+representation gradients, head gradients and losses are its share of the full batch's; one
+all-reduce of [head grads | losses | partial Gramian] then holds the full-batch values. The
+coordinator solves and broadcasts c, every rank runs one encoder backward of sum_t c_t L_t, and one
+all-reduce gives the full-batch shared gradient.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from dist_mtl.engine.protocols.base import Protocol, StepContext, solution_bytes
 from dist_mtl.engine.traffic import F32, StepShape, all_reduce_bytes, total
-from dist_mtl.gradients import FlatGradBuffer
+from dist_mtl.gradients import FlatGradBuffer, labelled_counts
 from dist_mtl.observe import StepRecorder
 from dist_mtl.reference import StepResult, representation_backward, representation_forward
 
@@ -30,8 +30,6 @@ class RepProtocol(Protocol):
         self.model, self.coordinator, self.optimizer = model, ctx.coordinator, ctx.optimizer
         self.comm, self.world = ctx.comm, ctx.groups.world
         self.checksum, self.fault = ctx.checksum, ctx.fault
-        self.size = self.world.size
-        self.index = self.world.index(ctx.comm.rank)
         self.shared = model.shared_parameters()
         self.heads = [p for t in range(model.num_tasks) for p in model.head_parameters(t)]
         t = model.num_tasks
@@ -45,19 +43,18 @@ class RepProtocol(Protocol):
         self.shared_grad = FlatGradBuffer(self.shared)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder) -> StepResult:
-        n = x.shape[0] // self.size
-        rows = slice(self.index * n, (self.index + 1) * n)
         tasks = range(self.model.num_tasks)
         with self.comm.stepping(rec, self.fault) as step:
+            counts = labelled_counts(y)
+            with rec.phase("exchange"):
+                self.comm.all_reduce(counts, self.world)
             with rec.phase("forward"):
-                z, z_leaf, losses = representation_forward(self.model, x[rows], y[rows], tasks)
+                z, z_leaf, losses = representation_forward(self.model, x, y, tasks, counts)
             with rec.phase("backward"):
                 rep_grads, losses = representation_backward(losses, z_leaf, self.head_grad)
             with rec.phase("solve"):
                 torch.mm(rep_grads, rep_grads.T, out=self.gramian)
-                self.gramian.div_(self.size * self.size)
                 self.losses.copy_(losses)
-                self.flat[: self.flat.numel() - self.gramian.numel()].div_(self.size)
             with rec.phase("exchange"):
                 self.comm.all_reduce(self.flat, self.world)
             solution, c = self.coordinator.solve(self.gramian, self.losses, rec)
@@ -68,7 +65,6 @@ class RepProtocol(Protocol):
                     z.backward(z_grad, inputs=self.shared)
                     with rec.phase("exchange"):
                         self.comm.all_reduce(self.shared_grad.buffer, self.world)
-                    self.shared_grad.buffer.div_(self.size)
                 with rec.phase("optimizer"):
                     self.optimizer.step()
             self.checksum(step, rec)
@@ -76,9 +72,10 @@ class RepProtocol(Protocol):
 
     @classmethod
     def bytes_per_step(cls, shape: StepShape, rank: int) -> tuple[int, int]:
-        """All-reduce of [head grads | T losses | T x T], the broadcast of c, all-reduce of P."""
+        """All-reduce of T counts, of [head grads | T losses | T x T], the broadcast of c, all-reduce of P."""
         t, world = shape.tasks, shape.replicas * shape.k
         return total(
+            all_reduce_bytes(F32 * t, world),
             all_reduce_bytes(F32 * (shape.all_head_params + t + t * t), world),
             solution_bytes(shape, rank),
             all_reduce_bytes(F32 * shape.params, world),
