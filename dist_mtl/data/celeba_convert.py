@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from dist_mtl.data.base import TaskSpec
@@ -51,14 +52,42 @@ def _sample_bytes(path: Path, image_size: int | None, stats: ChannelStats | None
     image = decode_image(data, str(path))
     if image_size is not None:
         image = resize_square(image, image_size)
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=_JPEG_QUALITY)
-        data = buffer.getvalue()
+        data = encode_jpeg(image)
     if stats is not None:
-        # The statistics of what is stored at the size it is stored (before JPEG re-encoding: the
-        # difference is far below what normalisation cares about).
-        stats.add(np.asarray(image.convert("RGB")).transpose(2, 0, 1)[None])
+        add_image(stats, image)
     return data
+
+
+def encode_jpeg(image: Image.Image) -> bytes:
+    """The JPEG bytes a resized CelebA image is stored as."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=_JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def add_image(stats: ChannelStats, image: Image.Image) -> None:
+    """Count an image in the statistics as it is stored, at its stored size.
+
+    Before the JPEG re-encoding: the difference is far below what normalisation cares about.
+    """
+    stats.add_sample(np.asarray(image.convert("RGB")).transpose(2, 0, 1))
+
+
+def celeba_manifest(
+    entries: dict[str, SplitEntry], stats: ChannelStats, stats_split: str, image_size: int | None
+) -> ShardManifest:
+    """The manifest of CelebA shards: 40 binary tasks, JPEG inputs of ``image_size`` (None: as they came)."""
+    mean, std = stats.mean_std()
+    return ShardManifest(
+        tasks=CELEBA_TASKS,
+        input_key="jpg",
+        input_shape=None if image_size is None else (3, image_size, image_size),
+        input_dtype="uint8",
+        mean=mean,
+        std=std,
+        stats_split=stats_split,
+        splits=entries,
+    )
 
 
 def _write_split(
@@ -81,13 +110,18 @@ def _write_split(
     return writer.close()
 
 
-def _check_arguments(out_dir: Path, image_size: int | None, shard_size: int, splits: Sequence[str]) -> None:
-    if image_size is not None and (
-        isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
+def check_image_size(image_size: object, *, keep: bool = True) -> None:
+    """``image_size`` must be an integer >= 1 (or None, keeping the original JPEGs, where ``keep``)."""
+    if (image_size is None and keep) or (
+        not isinstance(image_size, bool) and isinstance(image_size, int) and image_size >= 1
     ):
-        raise ConfigError(
-            f"image_size: expected None (keep the original JPEGs) or an integer >= 1, got {image_size!r}"
-        )
+        return
+    valid = "None (keep the original JPEGs) or an integer >= 1" if keep else "an integer >= 1"
+    raise ConfigError(f"image_size: expected {valid}, got {image_size!r}")
+
+
+def _check_arguments(out_dir: Path, image_size: int | None, shard_size: int, splits: Sequence[str]) -> None:
+    check_image_size(image_size)
     check_shard_size(shard_size)
     if not splits or len(set(splits)) != len(splits) or not set(splits) <= set(CELEBA_SPLITS):
         raise ConfigError(
@@ -133,16 +167,5 @@ def convert_celeba(
             )
             for split in splits
         }
-        mean, std = stats.mean_std()
-        manifest = ShardManifest(
-            tasks=CELEBA_TASKS,
-            input_key="jpg",
-            input_shape=None if image_size is None else (3, image_size, image_size),
-            input_dtype="uint8",
-            mean=mean,
-            std=std,
-            stats_split=stats_split,
-            splits=entries,
-        )
-        write_manifest(staging, manifest)
+        write_manifest(staging, celeba_manifest(entries, stats, stats_split, image_size))
     return out_dir / MANIFEST_NAME

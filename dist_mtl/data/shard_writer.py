@@ -174,6 +174,19 @@ class ChannelStats:
         self.count = 0
         self.mean = np.zeros(channels)
         self.m2 = np.zeros(channels)
+        self._pending: list[np.ndarray] = []
+
+    def add_sample(self, sample: np.ndarray) -> None:
+        """Add one (C, ...) sample, of any size. Buffered: a few numpy calls per image would cost
+        more than decoding a small one, so samples are added 256 at a time."""
+        self._pending.append(sample.reshape(len(self.mean), -1))
+        if len(self._pending) == 256:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self.add(np.concatenate(self._pending, axis=1)[None])
+            self._pending = []
 
     def add(self, batch: np.ndarray) -> None:
         """Add a batch of shape (N, C, ...) (N may be 0)."""
@@ -199,6 +212,7 @@ class ChannelStats:
         instead of dividing by zero (a manifest's std must be positive). "Never varies" allows for the
         rounding of the float64 sums: a spread below 1e-12 of the mean's magnitude is none.
         """
+        self._flush()
         if self.count == 0:
             return tuple(0.0 for _ in self.mean), tuple(1.0 for _ in self.mean)
         std = np.sqrt(np.maximum(self.m2 / self.count, 0.0))

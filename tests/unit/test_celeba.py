@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -15,10 +16,12 @@ from PIL import Image
 
 from dist_mtl.data.celeba_convert import convert_celeba
 from dist_mtl.data.celeba_layout import CELEBA_ATTRIBUTES, CelebAFormatError, load_celeba_index
+from dist_mtl.data.celeba_like import make_celeba_like_shards
 from dist_mtl.data.celeba_miniature import make_celeba_miniature
 from dist_mtl.data.images import decode_image, resize_square
 from dist_mtl.data.manifest import read_manifest
 from dist_mtl.data.missing import DataFileNotFoundError
+from dist_mtl.errors import ConfigError
 
 NUM_IMAGES = 30
 
@@ -245,3 +248,47 @@ def test_conversion_refuses_to_replace_an_unrelated_directory(mini_root, tmp_pat
         convert_celeba(mini_root, tmp_path)
     with pytest.raises(ValueError, match="splits: expected distinct names among train, val, test"):
         convert_celeba(mini_root, tmp_path / "x", splits=("train", "dev"))
+
+
+def _samples(directory: Path) -> dict[str, dict[str, bytes]]:
+    """{key: {field: bytes}} over every shard of ``directory``."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in sorted(directory.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, field = member.name.split(".", 1)
+                samples.setdefault(key, {})[field] = tar.extractfile(member).read()
+    return samples
+
+
+def test_celeba_like_shards_are_what_converting_a_178x218_miniature_gives(tmp_path):
+    like = make_celeba_like_shards(tmp_path / "like", 30, seed=2, image_size=16, shard_size=7)
+    root = make_celeba_miniature(tmp_path / "root", num_images=30, seed=2, image_width=178, image_height=218)
+    converted = convert_celeba(root, tmp_path / "converted", image_size=16, shard_size=7, progress=False)
+    a, b = read_manifest(like.parent), read_manifest(converted.parent)
+    assert (a.tasks, a.input_key, a.input_shape, a.stats_split) == (b.tasks, "jpg", (3, 16, 16), "train")
+    assert {s: [(e.name, e.count) for e in a.shards(s)] for s in a.splits} == {
+        s: [(e.name, e.count) for e in b.shards(s)] for s in b.splits
+    }
+    assert {s: a.split(s).labelled for s in a.splits} == {s: b.split(s).labelled for s in b.splits}
+    assert np.allclose(a.mean, b.mean, atol=0.002) and np.allclose(a.std, b.std, rtol=0.1)
+    ours, theirs = _samples(like.parent), _samples(converted.parent)
+    assert sorted(ours) == sorted(theirs) == [f"{i:06d}" for i in range(1, 31)]
+    for key in ours:
+        assert ours[key]["cls.npy"] == theirs[key]["cls.npy"]  # the same labels, int8 0/1
+        x, y = (np.asarray(Image.open(io.BytesIO(s[key]["jpg"])), dtype=np.float64) for s in (ours, theirs))
+        assert (
+            x.shape == y.shape == (16, 16, 3) and np.abs(x - y).mean() < 5
+        )  # the same content, resized once
+    assert np.abs(x - 128).mean() > 5  # (not two flat images)
+
+
+def test_celeba_like_argument_errors_write_nothing(tmp_path):
+    for kwargs, message in [
+        ({"num_images": 2}, "num_images: expected an integer >= 3 (one per split), got 2"),
+        ({"num_images": 10, "image_size": None}, "image_size: expected an integer >= 1, got None"),
+        ({"num_images": 10, "shard_size": 0}, "shard_size: expected an integer >= 1, got 0"),
+    ]:
+        with pytest.raises(ConfigError, match="^" + re.escape(message)):
+            make_celeba_like_shards(tmp_path / "out", **kwargs)
+    assert list(tmp_path.iterdir()) == []

@@ -38,6 +38,19 @@ def test_channel_stats_combine_batches_exactly_as_numpy_over_all_of_them():
     assert ChannelStats(3).mean_std() == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 
+def test_channel_stats_of_single_samples_of_varying_size_buffered_or_not():
+    rng = np.random.default_rng(1)
+    samples = [rng.integers(0, 256, size=(3, 2 + i % 5, 3 + i % 2), dtype=np.uint8) for i in range(600)]
+    stats = ChannelStats(3, scale=1 / 255)
+    for sample in samples:
+        stats.add_sample(sample)  # flushed at 256 and 512; the rest when asked
+    pixels = np.concatenate([s.reshape(3, -1) for s in samples], axis=1) / 255
+    mean, std = stats.mean_std()
+    assert np.allclose(mean, pixels.mean(axis=1), rtol=1e-13)
+    assert np.allclose(std, pixels.std(axis=1), rtol=1e-12)
+    assert stats.count == pixels.shape[1]
+
+
 def test_label_dtype_and_npy_bytes():
     assert [label_dtype(c) for c in (2, 128, 129, 32768, 32769)] == [
         np.int8,
