@@ -39,3 +39,21 @@ def resize_square(image: Image.Image, size: int) -> Image.Image:
 def to_chw(image: Image.Image) -> np.ndarray:
     """float32 (3, H, W) array in [0, 1]."""
     return np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0
+
+
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # channel count -> PIL mode the stream reader decodes to
+IMAGE_CHANNELS: tuple[int, ...] = tuple(_MODES)
+
+
+def square_uint8_chw(image: Image.Image, size: int, channels: int) -> np.ndarray:
+    """uint8 (channels, size, size) array: converted to L/RGB/RGBA, resized bilinearly if not square ``size``.
+
+    The stream reader's decode: uint8 is what crosses the DataLoader queue (a quarter of float32),
+    and the resize is ``resize_square``'s (bilinear, aspect ratio not kept), so a stored image of
+    another size reads as the converter would have resized it.
+    """
+    image = image.convert(_MODES[channels])
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)

@@ -1,4 +1,8 @@
-"""``build_dataset``: one entry point from a data-set name and options to (train, test) splits.
+"""``build_dataset``: one entry point from a data-set name and options to its data.
+
+The bundled sets (multidigits, synthetic) are built in memory as (train, test) splits; shard
+directories ("shards", and "celeba", the same reader under the name existing configs use) are a
+streamed ``ShardSource``, of which only the manifest is read here.
 
 ``dataset_num_tasks`` answers "how many tasks" for the same options without building anything, so a
 launcher can check a task layout in the parent process before it starts workers.
@@ -12,20 +16,53 @@ from collections.abc import Callable
 from typing import Any
 
 from dist_mtl.data.base import MultiTaskDataset
-from dist_mtl.data.celeba_manifest import read_manifest
-from dist_mtl.data.celeba_reader import build_celeba, require_shard_path
+from dist_mtl.data.manifest import read_manifest
 from dist_mtl.data.multidigits import build_multidigits, multidigits_tasks
+from dist_mtl.data.stream import ShardSource, require_shard_path
 from dist_mtl.data.synthetic import build_synthetic, synthetic_tasks
 from dist_mtl.errors import ConfigError
 
-Builder = Callable[..., tuple[MultiTaskDataset, MultiTaskDataset]]
+Built = tuple[MultiTaskDataset, MultiTaskDataset] | ShardSource
+Builder = Callable[..., Built]
+
+
+def _shard_builder(name: str) -> Callable[..., ShardSource]:
+    """The builder of data set ``name`` (a shard directory); its keyword names are the config's."""
+
+    def build(
+        *,
+        seed: int,
+        path: str | os.PathLike[str] | None = None,
+        image_size: int = 64,
+        max_samples: int | None = None,
+        test_split: str = "test",
+        workers: int = 0,
+        shuffle_buffer: int = 2000,
+        on_error: str = "raise",
+    ) -> ShardSource:
+        """The streamed source; ``seed`` is not used here: the order is a function of (seed, epoch,
+        part), and the trainer passes the seed to each ``train_batches`` call."""
+        return ShardSource(
+            require_shard_path(path, name),
+            image_size=image_size,
+            max_samples=max_samples,
+            test_split=test_split,
+            workers=workers,
+            shuffle_buffer=shuffle_buffer,
+            on_error=on_error,
+        )
+
+    return build
+
 
 _BUILDERS: dict[str, Builder] = {
     "multidigits": build_multidigits,
     "synthetic": build_synthetic,
-    "celeba": build_celeba,
+    "celeba": _shard_builder("celeba"),
+    "shards": _shard_builder("shards"),
 }
 DATASET_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+STREAMED_NAMES: tuple[str, ...] = ("celeba", "shards")
 
 
 def _parameters(name: str) -> dict[str, inspect.Parameter]:
@@ -46,8 +83,11 @@ def _check_options(name: str, options: dict[str, Any]) -> None:
             raise ConfigError(f"data.{option}: not an option of {name}; valid options: {', '.join(valid)}")
 
 
-def build_dataset(name: str, *, seed: int, **options: Any) -> tuple[MultiTaskDataset, MultiTaskDataset]:
-    """Build the (train, test) splits of data set ``name``; the same seed gives the same data."""
+def build_dataset(name: str, *, seed: int, **options: Any) -> Built:
+    """(train, test) in memory for the bundled sets, a ``ShardSource`` for the ``STREAMED_NAMES``.
+
+    The same seed gives the same data. Unknown options are a ConfigError naming ``data.<option>``.
+    """
     _check_options(name, options)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed: expected a non-negative integer, got {seed!r}")
@@ -66,15 +106,18 @@ def _synthetic_count(tasks: str | None, num_tasks: int | None, path: str | os.Pa
     return len(synthetic_tasks(_default("synthetic", "num_tasks") if num_tasks is None else num_tasks))
 
 
-def _celeba_count(tasks: str | None, num_tasks: int | None, path: str | os.PathLike[str]) -> int:
-    _check_options("celeba", {} if num_tasks is None else {"num_tasks": num_tasks})
-    return len(read_manifest(require_shard_path(path)).attributes)
+def _shards_count(name: str) -> Callable[[str | None, int | None, str | os.PathLike[str]], int]:
+    def count(tasks: str | None, num_tasks: int | None, path: str | os.PathLike[str]) -> int:
+        _check_options(name, {} if num_tasks is None else {"num_tasks": num_tasks})
+        return len(read_manifest(require_shard_path(path, name)).tasks)
+
+    return count
 
 
 _COUNTERS: dict[str, Callable[[str | None, int | None, str | os.PathLike[str]], int]] = {
     "multidigits": _multidigits_count,
     "synthetic": _synthetic_count,
-    "celeba": _celeba_count,
+    **{name: _shards_count(name) for name in STREAMED_NAMES},
 }
 
 
@@ -88,10 +131,10 @@ def dataset_num_tasks(
     """T, the number of tasks ``build_dataset(name, ...)`` would give, without building the data.
 
     multidigits: 2 for tasks "pair", ``num_tasks`` (default 43) for "binary"; synthetic: ``num_tasks``
-    or the builder's default; celeba: the attribute count in ``path``'s manifest (only the manifest is
-    read). ``None`` means "not set" (the builder's default). ``tasks`` is read for multidigits only,
-    since a config always carries a value for it; ``path`` for celeba only. The checks and messages
-    are the builders' own (ConfigError, or DataError for a bad manifest).
+    or the builder's default; shards / celeba: the task count of ``path``'s manifest (only the manifest
+    is read). ``None`` means "not set" (the builder's default). ``tasks`` is read for multidigits only,
+    since a config always carries a value for it; ``path`` for shard directories only. The checks and
+    messages are the builders' own (ConfigError, or DataError for a bad manifest).
     """
     _parameters(name)  # unknown name: the same ConfigError as build_dataset
     return _COUNTERS[name](tasks, num_tasks, path)
