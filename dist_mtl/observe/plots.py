@@ -18,6 +18,7 @@ from dist_mtl.observe.recorder import PHASES
 
 MAX_WIDTH_IN = 40.0  # inches; at the default 100 dpi, 4000 pixels
 MAX_TICK_LABELS = 80  # more tasks than this: label every k-th one
+MAX_WEIGHT_LINES = 12  # more tasks than this: the weights are drawn as a heatmap, not lines
 PHASE_ORDER = (*PHASES, "(other)")
 
 
@@ -102,21 +103,32 @@ def task_error_figure(errors: Mapping[str, Mapping[str, float | None]]) -> Figur
 def task_weights_figure(
     steps: Sequence[int], weights: Mapping[str, Sequence[float]], title: str = "task weights"
 ) -> Figure:
-    """One line per task: the balancer's weight of each task at each logged step."""
+    """The balancer's weight of each task at each logged step: one line per task (GetMTL's figure)
+    up to MAX_WEIGHT_LINES tasks; beyond that a task x step heatmap, where every task keeps its label."""
     if not steps or not weights:
         raise ValueError("task_weights_figure needs at least one logged step and one task")
-    fig = new_figure(8.0 if len(weights) <= 10 else 11.0, 4.5)
-    ax = fig.add_subplot()
-    for (name, values), color in zip(weights.items(), _colors(len(weights)), strict=True):
-        ax.plot(
-            steps, values, label=name, color=color, linewidth=1.2, marker="." if len(steps) < 30 else None
-        )
+    names = list(weights)
+    if len(names) > MAX_WEIGHT_LINES:
+        values = np.array([np.asarray(weights[name], dtype=float) for name in names])
+        fig = new_figure(max(8.0, 3.0 + 0.08 * len(steps)), max(4.5, 1.5 + 0.18 * len(names)))
+        ax = fig.add_subplot()
+        image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0)
+        # Columns are logged steps in order (their spacing may vary); label a few with their step.
+        columns = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 10)).round().astype(int))
+        ax.set_xticks(columns, [str(steps[i]) for i in columns])
+        _task_ticks(ax, np.arange(len(names), dtype=float), names, "y")
+        fig.colorbar(image, ax=ax, label="weight")
+    else:
+        fig = new_figure(8.0, 4.5)
+        ax = fig.add_subplot()
+        for name, color in zip(names, _colors(len(names)), strict=True):
+            marker = "." if len(steps) < 30 else None
+            ax.plot(steps, weights[name], label=name, color=color, linewidth=1.2, marker=marker)
+        ax.set_ylabel("weight")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_xlabel("step")
-    ax.set_ylabel("weight")
     ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if len(weights) <= 40:
-        ax.legend(fontsize=7, ncol=1 + len(weights) // 14, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return fig
 
 

@@ -270,9 +270,10 @@ def _run_section(run: RunData, images: dict[str, str], skipped: dict[str, str]) 
         elif any(task_error(m) is not None for m in tasks.values() if isinstance(m, dict)):
             lines.append(f"Average error over tasks: **{average_error(tasks):.4f}** (from the table above).")
         if "delta_m" in overall:
+            source = (config.get("eval") or {}).get("baseline") or "eval.baseline"
             lines.append(
-                f"Delta-m against the single-task baselines: **{overall['delta_m']:+.2f} %** "
-                "(negative: better than the baselines)."
+                f"Delta-m against `{source}`: **{overall['delta_m']:+.2f} %** "
+                "(mean relative error change per task; negative: lower error than the baseline)."
             )
     for key in ("task_weights", "step_time", "gradient_cosine"):
         if key in images:

@@ -21,7 +21,12 @@ from dist_mtl.observe.gramians import (
     truncate_gramians,
     write_gramian,
 )
-from dist_mtl.observe.plots import gradient_cosine_figure, step_time_figure, task_error_figure
+from dist_mtl.observe.plots import (
+    gradient_cosine_figure,
+    step_time_figure,
+    task_error_figure,
+    task_weights_figure,
+)
 from dist_mtl.observe.recorder import PHASES
 from dist_mtl.observe.report import phase_means
 from dist_mtl.observe.run_report import (
@@ -124,11 +129,12 @@ def test_summary_metrics_and_f1_reach_the_report(runs: dict[str, Path], tmp_path
         "Bald": {"labelled": 0},
     }
     summary["metrics"] = {"average_error": 0.1, "delta_m": -3.25}
+    summary["config"]["eval"] = {"baseline": "single_task.json"}
     (run / "summary.json").write_text(json.dumps(summary))
     text = write_report([run], tmp_path / "out").read_text()
     assert "| Smiling | 0.1000 | 0.9000 | 0.8750 | 0.3000 | 40 |" in text
     assert "| Bald | - | - | - | - | 0 |" in text
-    assert "**0.1000**" in text and "**-3.25 %**" in text
+    assert "**0.1000**" in text and "Delta-m against `single_task.json`: **-3.25 %**" in text
     # Only the summary is there: the figures that need the logs are skipped, each with its reason.
     assert "task weights: no task weights" in text and "step time per phase and rank: no step records" in text
 
@@ -299,5 +305,11 @@ def test_many_tasks_widen_the_figure_and_rotate_the_labels() -> None:
     labels = fig.axes[0].get_xticklabels()
     assert [label.get_text() for label in labels] == names
     assert all(label.get_rotation() == 90 for label in labels)
+    # Past a dozen tasks the weights are a task x step heatmap: every task keeps its label.
+    weights = {name: [0.01 * i, 0.02 * i, 0.0] for i, name in enumerate(names)}
+    heatmap = task_weights_figure([10, 20, 30], weights).axes[0]
+    np.testing.assert_allclose(heatmap.get_images()[0].get_array(), np.array(list(weights.values())))
+    assert [label.get_text() for label in heatmap.get_yticklabels()] == names
+    assert [label.get_text() for label in heatmap.get_xticklabels()] == ["10", "20", "30"]
     few = step_time_figure({0: dict.fromkeys(PHASES, 0.01)}, "t")
     assert len(few.axes[0].patches) == len(PHASES) + 1
