@@ -15,23 +15,18 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from dist_mtl.errors import RunDirError
 from dist_mtl.metrics import average_error, task_error
 from dist_mtl.observe.gramians import GRAMIAN_DIR, gradient_cosines, gramian_steps
-from dist_mtl.observe.plots import (
-    gradient_cosine_figure,
-    save_png,
-    step_time_figure,
-    task_error_figure,
-    task_weights_figure,
-    to_rgb,
-)
 from dist_mtl.observe.report import phase_means, rank_files, read_steps, skip_warmup
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 REPORT_FILE = "report.md"
 FIGURES = ("task_error", "task_weights", "step_time", "gradient_cosine")
@@ -41,6 +36,14 @@ _TITLES = {
     "step_time": "step time per phase and rank",
     "gradient_cosine": "gradient cosines",
 }
+
+
+def _plots() -> ModuleType:
+    """The figure builders, imported on first use: matplotlib adds ~0.6 s to the start-up of every
+    `dist-mtl` command (the CLI builds this module's parser), and only drawing needs it."""
+    from dist_mtl.observe import plots
+
+    return plots
 
 
 @dataclass
@@ -114,7 +117,7 @@ def _weights_figure(run: RunData) -> Figure | str:
     steps = sorted(by_step)
     names = [k.removeprefix("weight/") for k in by_step[steps[-1]] if k.startswith("weight/")]
     weights = {name: [by_step[s].get(f"weight/{name}", np.nan) for s in steps] for name in names}
-    return task_weights_figure(steps, weights, f"task weights: {run.name}")
+    return _plots().task_weights_figure(steps, weights, f"task weights: {run.name}")
 
 
 def _step_time_figure(run: RunData, warmup: int) -> tuple[Figure | str, list[str]]:
@@ -131,7 +134,7 @@ def _step_time_figure(run: RunData, warmup: int) -> tuple[Figure | str, list[str
             per_rank[rank] = phase_means(kept)
     if not per_rank:
         return "no step records with phase times in metrics/rank<N>.jsonl", notes
-    fig = step_time_figure(per_rank, f"step time: {run.name}")
+    fig = _plots().step_time_figure(per_rank, f"step time: {run.name}")
     fig.axes[0].set_xlabel(f"mean over logged steps; {warmup} skipped after each start", fontsize=8)
     return fig, notes
 
@@ -167,7 +170,7 @@ def _cosine_figure(run: RunData, step: int | None) -> Figure | str:
     names = run.task_names
     if len(names) != gramian.shape[0]:
         names = [f"task {i}" for i in range(gramian.shape[0])]
-    return gradient_cosine_figure(
+    return _plots().gradient_cosine_figure(
         gradient_cosines(gramian), names, f"gradient cosines: {run.name}, step {at}"
     )
 
@@ -180,7 +183,7 @@ def _figures_and_notes(
     if with_error:
         errors = _errors(run)
         if any(e is not None for e in errors.values()):
-            figures["task_error"] = task_error_figure({run.name: errors})
+            figures["task_error"] = _plots().task_error_figure({run.name: errors})
         else:
             skipped["task_error"] = "no test errors in summary.json (no summary: the run has not finished?)"
     built: dict[str, Figure | str] = {"task_weights": _weights_figure(run)}
@@ -207,7 +210,7 @@ def log_figures(tb_dir: str | Path, step: int, figures: dict[str, Figure]) -> No
     writer = SummaryWriter(log_dir=str(tb_dir))
     try:
         for name, fig in figures.items():
-            writer.add_image(f"report/{name}", to_rgb(fig), global_step=step, dataformats="HWC")
+            writer.add_image(f"report/{name}", _plots().to_rgb(fig), global_step=step, dataformats="HWC")
     finally:
         writer.close()
 
@@ -304,7 +307,7 @@ def write_report(
         lines = ["# dist_mtl report", "", "Runs: " + ", ".join(f"`{r.name}`" for r in runs) + "."]
         errors = {run.name: _errors(run) for run in runs if run.summary is not None}
         if any(e is not None for per_task in errors.values() for e in per_task.values()):
-            save_png(task_error_figure(errors), out / "task_error.png")
+            _plots().save_png(_plots().task_error_figure(errors), out / "task_error.png")
             lines += ["", "## Test error per task", "", "![test error per task](task_error.png)"]
         else:
             lines += ["", "No run has a summary.json with test errors: no task_error.png."]
@@ -313,7 +316,7 @@ def write_report(
             suffix = "" if len(runs) == 1 else f"_{_file_stem(run.name)}"
             images = {}
             for key, fig in figures.items():
-                images[key] = save_png(fig, out / f"{key}{suffix}.png").name
+                images[key] = _plots().save_png(fig, out / f"{key}{suffix}.png").name
             lines += ["", *_run_section(run, images, skipped)]
         report = out / REPORT_FILE
         report.write_text("\n".join(lines) + "\n", encoding="utf-8")
