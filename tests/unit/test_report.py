@@ -6,6 +6,8 @@ import argparse
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -313,3 +315,14 @@ def test_many_tasks_widen_the_figure_and_rotate_the_labels() -> None:
     assert [label.get_text() for label in heatmap.get_xticklabels()] == ["10", "20", "30"]
     few = step_time_figure({0: dict.fromkeys(PHASES, 0.01)}, "t")
     assert len(few.axes[0].patches) == len(PHASES) + 1
+
+
+def test_the_cli_parser_does_not_import_matplotlib() -> None:
+    """Every `dist-mtl` command builds the report parser; only drawing may pay matplotlib's start-up."""
+    code = (
+        "import sys, argparse\n"
+        "from dist_mtl.observe.run_report import add_report_parser\n"
+        "add_report_parser(argparse.ArgumentParser().add_subparsers())\n"
+        "assert 'matplotlib' not in sys.modules, 'matplotlib imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
