@@ -181,7 +181,7 @@ def main() -> int:
         shards: dict[int, Path] = {}
         for n in (small, large):
             start = time.perf_counter()
-            shards[n] = make_celeba_like_shards(tmp_path / f"celeba{n}", n, seed=0)
+            shards[n] = make_celeba_like_shards(tmp_path / f"celeba{n}", n, seed=0).parent
             results[f"generate_{n}_s"] = time.perf_counter() - start
 
         print(f"## Loader throughput ({large} generated images, batch {BATCH}, one data part)\n")

@@ -20,6 +20,7 @@ from typing import IO
 from dist_mtl.config import load_config, split_config_and_overrides
 from dist_mtl.data.celeba_convert import DEFAULT_SHARD_SIZE
 from dist_mtl.errors import TrainingFailed, UserError
+from dist_mtl.observe.run_report import add_report_parser
 from dist_mtl.train import check_layout, preflight, run
 
 TRAIN_DESCRIPTION = """\
@@ -328,6 +329,8 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     p.add_argument("run_dir")
     p.add_argument("--warmup", type=int, default=2, help="steps skipped at the start of each rank's log")
     p.set_defaults(func=_profile)
+
+    add_report_parser(sub)
 
     p = sub.add_parser("data", help="data preparation")
     dsub = p.add_subparsers(dest="dataset", required=True)

@@ -145,6 +145,9 @@ class ObserveConfig:
     profiler_start: int = 0  # first step of a torch.profiler window
     profiler_steps: int = 0  # length of the torch.profiler window (0 = off)
     sync_cuda: bool = False  # synchronize CUDA at phase boundaries for exact per-phase GPU times
+    # at the end of training, put the `dist-mtl report` figures (per-task error, task weights, step
+    # time per phase and rank, gradient cosines) into TensorBoard as images (rank 0, with tensorboard)
+    figures: bool = True
 
 
 @dataclass

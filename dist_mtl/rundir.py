@@ -19,7 +19,7 @@ from typing import Any
 from dist_mtl.errors import CheckpointError, RunDirError
 
 RUN_FILES = ("config.yaml", "summary.json")
-RUN_DIRS = ("checkpoints", "metrics", "tb", "profile")
+RUN_DIRS = ("checkpoints", "metrics", "tb", "profile", "gramians")
 # Config fields a checkpoint cannot be resumed under once changed: they fix the model's shapes, the
 # tasks, or what the balancer state means. Everything else (lr, steps, logging) may change on resume.
 RESUME_FIXED = (

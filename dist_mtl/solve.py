@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from dist_mtl.balancers import Balancer
+from dist_mtl.observe.gramians import gradient_cosines
 
 
 @dataclass
@@ -36,9 +37,7 @@ class Solution:
 def gramian_diagnostics(gramian: np.ndarray, coefficients: np.ndarray) -> dict[str, float]:
     """Pairwise cosines of the task gradients and whether d decreases every task to first order."""
     norms = np.sqrt(np.clip(np.diag(gramian), 0.0, None))
-    scale = np.outer(norms, norms)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cos = np.where(scale > 0, gramian / np.where(scale > 0, scale, 1.0), 0.0)
+    cos = gradient_cosines(gramian)
     t = gramian.shape[0]
     out = {"grad/norm_mean": float(norms.mean())}
     if t > 1:

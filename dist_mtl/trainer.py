@@ -8,8 +8,10 @@ part of every global batch (`Backend.data_part`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from dist_mtl.build import (
 from dist_mtl.checkpoint import load_latest_checkpoint, save_checkpoint
 from dist_mtl.config import RunConfig, config_to_dict, save_config
 from dist_mtl.data import MemorySource, MultiTaskDataset
-from dist_mtl.errors import CheckpointError, TrainingFailed
+from dist_mtl.errors import CheckpointError, RunDirError, TrainingFailed
 from dist_mtl.gradients import labelled_counts
 from dist_mtl.metrics import evaluate, load_baseline, metric_scalars, summary_metrics
 from dist_mtl.observe import JsonlSink, MetricSink, MultiSink, ProfilerWindow, StepRecorder, TensorBoardSink
@@ -195,6 +197,7 @@ def train(
         total = data_counts.clone()
         rt.all_reduce(total)
         return [b + n / ranks_per_part for b, n in zip(data_before, total.cpu().tolist(), strict=True)]
+
     sinks = make_sinks(cfg, rt.rank, rt.world_size, start_step if resume else None)
     guard = SkipGuard(cfg.train.max_skipped_fraction, n_steps, skipped, first_skipped, cfg.optim.lr)
     sync = torch.cuda.synchronize if (cfg.observe.sync_cuda and rt.device.type == "cuda") else None
@@ -252,14 +255,20 @@ def train(
         return metrics, overall
 
     try:
-        with profiler:
-            batches = source.train_batches(
-                seed=cfg.seed,
-                batch_size=batch_size,
-                part=part,
-                start_step=start_step,
-                total_steps=n_steps,
-                device=rt.device,
+        with profiler, contextlib.ExitStack() as stack:
+            # One iterator for the whole run (its loader workers live across epochs); closing it stops
+            # them at once, also when a step fails.
+            batches = stack.enter_context(
+                contextlib.closing(
+                    source.train_batches(
+                        seed=cfg.seed,
+                        batch_size=batch_size,
+                        part=part,
+                        start_step=start_step,
+                        total_steps=n_steps,
+                        device=rt.device,
+                    )
+                )
             )
             for step in range(start_step, n_steps):
                 with rec.phase("data"):
@@ -322,9 +331,22 @@ def train(
         }
         if rt.rank == 0:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            if cfg.observe.tensorboard and cfg.observe.figures and not finished:
+                log_report_figures(run_dir, n_steps)
         return summary
     finally:
         sinks.close()
+
+
+def log_report_figures(run_dir: Path, step: int) -> None:
+    """The `dist-mtl report` figures of the finished run into TensorBoard; a failure to draw them is a
+    warning, since the run itself succeeded and its results are written."""
+    from dist_mtl.observe.run_report import log_figures, run_figures  # matplotlib: imported only here
+
+    try:
+        log_figures(run_dir / "tb", step, run_figures(run_dir))
+    except (RunDirError, OSError, ValueError) as exc:
+        warnings.warn(f"the report figures were not written to TensorBoard: {exc}", stacklevel=2)
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:

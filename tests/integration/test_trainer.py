@@ -101,3 +101,44 @@ def test_solver_events_are_counted_on_every_step_not_only_logged_ones(tmp_path: 
     assert [r["step"] for r in steps] == [3, 6, 7]
     assert [r["total/unconverged_solves"] for r in steps] == [3, 6, 7]
     assert summary["events"]["unconverged_solves"] == 7
+
+
+def test_report_figures_reach_tensorboard_and_the_report_command(tmp_path: Path, capsys) -> None:
+    """observe.figures: the finished run's figures are TensorBoard images; `dist-mtl report` draws
+    the same run; a directory that holds no run is a one-line error."""
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    from dist_mtl.cli import main
+
+    run_dir = tmp_path / "run"
+    train(_cfg(run_dir, "train.steps=4", "observe.figures=true", "eval.baseline="))
+    assert sorted(p.name for p in (run_dir / "gramians").iterdir())[-1] == "step_00000004.npy"
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={IMAGES: 0})
+    events.Reload()
+    names = {"task_error", "task_weights", "step_time", "gradient_cosine"}
+    assert {f"report/{name}" for name in names} <= set(events.Tags()["images"])
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "report")]) == 0
+    assert {f"{name}.png" for name in names} <= {p.name for p in (tmp_path / "report").iterdir()}
+    assert "left" in (tmp_path / "report" / "report.md").read_text()
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_missing_labels_and_a_baseline_give_counts_and_delta_m(tmp_path: Path) -> None:
+    """Synthetic data with 40 % of its labels missing: labelled counts in the logs and summary.json,
+    and Delta-m against a baseline file (here: the uniform run's summary.json)."""
+    extra = ["data.name=synthetic", "data.num_tasks=4", "data.num_clusters=2", "data.input_dim=8"]
+    extra += ["data.missing_labels=0.4", "train.steps=6"]
+    train(_cfg(tmp_path / "uniform", *extra, "balancer.name=uniform"))
+    baseline = tmp_path / "uniform" / "summary.json"
+    summary = train(_cfg(tmp_path / "mgda", *extra, f"eval.baseline={baseline}"))
+    seen = summary["data"]["labelled_seen"]
+    assert set(seen) == {f"task_{t}" for t in range(4)}
+    assert all(0.45 * 6 * 64 < n < 0.75 * 6 * 64 for n in seen.values())
+    base = json.loads(baseline.read_text())["tasks"]
+    expected = (
+        100 / 4 * sum((m["error"] - base[t]["error"]) / base[t]["error"] for t, m in summary["tasks"].items())
+    )
+    assert summary["metrics"]["delta_m"] == pytest.approx(expected)
+    record = json.loads((tmp_path / "mgda" / "metrics" / "rank0.jsonl").read_text().splitlines()[0])
+    assert sum(record[f"labelled/{t}"] for t in seen) < 4 * 64

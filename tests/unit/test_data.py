@@ -166,7 +166,8 @@ def test_synthetic_is_deterministic_and_scales_to_1000_tasks():
 
 def test_build_dataset_rejects_unknown_names_and_options():
     with pytest.raises(
-        ConfigError, match="data.name: unknown data set 'mnist'; valid: multidigits, synthetic, celeba"
+        ConfigError,
+        match="data.name: unknown data set 'mnist'; valid: multidigits, synthetic, celeba, shards",
     ):
         build_dataset("mnist", seed=0)
     with pytest.raises(
@@ -183,4 +184,4 @@ def test_build_dataset_rejects_unknown_names_and_options():
         build_dataset("synthetic", seed=0, conflict=1.5)
     with pytest.raises(ConfigError, match="seed: expected a non-negative integer"):
         build_dataset("synthetic", seed=-1)
-    assert DATASET_NAMES == ("multidigits", "synthetic", "celeba")
+    assert DATASET_NAMES == ("multidigits", "synthetic", "celeba", "shards")
