@@ -17,6 +17,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
 
+from dist_mtl.argtypes import int_at_least
 from dist_mtl.config import load_config, split_config_and_overrides
 from dist_mtl.data.celeba_convert import DEFAULT_SHARD_SIZE
 from dist_mtl.errors import TrainingFailed, UserError
@@ -45,17 +46,6 @@ KILL_AFTER_S = SHUTDOWN_TIMEOUT_S + 5
 MONITOR_INTERVAL_S = 1.0
 _RANK_ERROR = re.compile(r"dist_mtl\.train: rank \d+: error: .*")
 _ROOT_CAUSE = re.compile(r"rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)")
-
-
-def _positive_int(text: str) -> int:
-    """argparse type for --nproc: an integer >= 1 (0 or less would start no rank at all)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {value}")
-    return value
 
 
 def torchrun_command(
@@ -306,7 +296,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="replace the run that RUN_DIR already holds (else an error)"
     )
     p.add_argument(
-        "--nproc", type=_positive_int, default=1, help="launch this many local ranks with torchrun (>= 1)"
+        "--nproc", type=int_at_least(1), default=1, help="launch this many local ranks with torchrun (>= 1)"
     )
     p.set_defaults(func=_train)
 

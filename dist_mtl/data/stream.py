@@ -177,6 +177,11 @@ def _require_part(part: tuple[int, int]) -> tuple[int, int]:
     return index, parts
 
 
+def _no_batches() -> Iterator[Batch]:
+    """An empty generator: like every stream it has `close()`, which the trainer calls."""
+    yield from ()
+
+
 class ShardSource:
     """The train and test splits of a shard directory (``manifest.json`` format ``dist_mtl-shards/1``).
 
@@ -282,7 +287,7 @@ class ShardSource:
             total_steps=total_steps,
         )
         if start_step == total_steps:
-            return iter(())  # nothing left: start no workers
+            return _no_batches()  # nothing left: start no workers
         return self._deliver(steps, range(start_step, total_steps), torch.device(device))
 
     def eval_batches(
@@ -300,7 +305,7 @@ class ShardSource:
         n = view.total
         lo, hi = n * index // parts, n * (index + 1) // parts
         if lo == hi:
-            return iter(())
+            return _no_batches()
         batches = _EvalBatches(_Reader(self.path, view, self.decoder, self.on_error), lo, hi, batch_size)
         return self._deliver(batches, range(len(batches)), torch.device(device))
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dist_mtl.argtypes import int_at_least
 from dist_mtl.errors import RunDirError
 from dist_mtl.metrics import average_error, task_error
 from dist_mtl.observe.gramians import GRAMIAN_DIR, gradient_cosines, gramian_steps
@@ -325,16 +326,6 @@ def write_report(
     return report
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {value}")
-    return value
-
-
 def default_out_dir(run_dirs: Sequence[str | Path]) -> Path:
     """RUN_DIR/report for one run; ./report for several (no run owns a comparison)."""
     return Path(run_dirs[0]) / "report" if len(run_dirs) == 1 else Path("report")
@@ -356,13 +347,13 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--step",
-        type=_non_negative_int,
+        type=int_at_least(0),
         default=None,
         help="logged step of the gradient-cosine heatmap (default: the last with a finite Gramian)",
     )
     p.add_argument(
         "--warmup",
-        type=_non_negative_int,
+        type=int_at_least(0),
         default=2,
         help="logged steps left out of the step-time means after each (re)start (default: %(default)s)",
     )

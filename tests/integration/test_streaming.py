@@ -61,6 +61,9 @@ def test_mid_epoch_resume_with_two_workers_is_bit_identical(tmp_path: Path, cele
     summary = json.loads((tmp_path / "parts" / "summary.json").read_text())
     assert summary["data"] == json.loads((tmp_path / "whole" / "summary.json").read_text())["data"]
     assert sum(summary["data"]["labelled_seen"].values()) == 15 * 10 * 40  # CelebA: every label present
+    # Resuming the finished run only re-reads its result (the stream has no step left to serve).
+    again = train(load_config(None, [*parts, "train.steps=15"]), resume=True)
+    assert again["tasks"] == summary["tasks"] and again["resumed_from"] == 15
 
 
 def test_celeba_miniature_on_two_ranks_equals_one_process(tmp_path: Path) -> None:
