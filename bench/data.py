@@ -7,12 +7,15 @@ Shards are generated as `dist-mtl data celeba` writes them from 178 x 218 JPEG s
    one data part), after the first batch, beside what one ResNet-18 CelebA step (the MGDA-UB recipe,
    batch 256, one process) consumes on this machine.
 2. Peak resident memory of one rank (the training process; its loader workers separately) over a
-   5-step run of the recipe with data.workers=2, at 2,000 and 20,000 images, and the time from the
-   process start to the end of its first step.
-3. The `data` phase's share of the step on a 2-rank run (exact MGDA, 1 x 2) of the recipe at reduced
-   width, from the run's metrics (what `dist-mtl profile` reports).
+   5-step run of the recipe at width 16 with data.workers=2, at 2,000 and 20,000 images; the time
+   from the process start to the first batch in hand and to the end of step 1; and, for scale, the
+   time a fresh interpreter takes to import the entry point (torch included).
+3. The `data` phase's share of the step on a 2-rank run of the recipe (MGDA-UB, two data parts) on
+   the 20,000-image set at width 16, from the run's metrics (what `dist-mtl profile` reports). Exact
+   MGDA's step is far longer on a CPU (T/K = 20 encoder backward passes: 134 s at width 16 and
+   batch 256), which only shrinks the share.
 
-Run: python3 bench/data.py            (about 6 minutes on 2 CPU cores; --quick for a smoke run)
+Run: python3 bench/data.py            (about 12 minutes on 2 CPU cores; --quick for a smoke run)
      python3 bench/data.py --json out.json   also writes the figures as JSON
 """
 
@@ -97,8 +100,21 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def import_seconds() -> float:
+    """Seconds a fresh interpreter takes to import the training entry point (torch included): the
+    part of the time to the first batch that no data set size changes."""
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-c", "import dist_mtl.train"],
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    return time.perf_counter() - start
+
+
 def run_memory(path: Path, run_dir: Path, steps: int, width: int) -> dict[str, float]:
-    """Peak RSS (MB) of the rank and of its largest worker, and seconds from launch to step 1's end."""
+    """Peak RSS (MB) of the rank and of its largest worker, and seconds from launch to the first
+    batch in hand (step 1's end, less its compute: time/step - time/data of its record)."""
     overrides = [
         f"data.path={path}",
         f"run_dir={run_dir}",
@@ -120,32 +136,33 @@ def run_memory(path: Path, run_dir: Path, steps: int, width: int) -> dict[str, f
         stderr=subprocess.PIPE,
     )
     metrics = run_dir / "metrics" / "rank0.jsonl"
-    rank_peak, worker_peak, first_step = 0, 0, None
+    rank_peak, worker_peak, first_step, first_batch = 0, 0, None, None
     while proc.poll() is None:
         rank_peak = max(rank_peak, _status_kb(proc.pid, "VmHWM"))
         for child in _children(proc.pid):
             worker_peak = max(worker_peak, _status_kb(child, "VmRSS"))
         if first_step is None and metrics.is_file() and metrics.stat().st_size > 0:
             first_step = time.perf_counter() - start
+            record = json.loads(metrics.read_text().splitlines()[0])
+            first_batch = first_step - record["time/step"] + record["time/data"]
         time.sleep(0.02)
     if proc.returncode != 0:
         raise RuntimeError(f"training failed: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
     return {
         "rank_peak_mb": rank_peak / 1024,
         "worker_peak_mb": worker_peak / 1024,
+        "first_batch_s": first_batch,
         "first_step_s": first_step,
     }
 
 
 def data_share(path: Path, run_dir: Path, steps: int, width: int) -> dict[str, float]:
-    """Mean share of the `data` phase in the step over both ranks of a 1 x 2 exact run (after 2 steps)."""
+    """Mean share of the `data` phase in the step on each rank of a 2-rank rep run (after 2 steps)."""
     overrides = [
         f"data.path={path}",
         f"run_dir={run_dir}",
         f"train.steps={steps}",
         f"model.width={width}",
-        "train.mode=exact",
-        "engine.protocol=gramian",
         "data.workers=2",
         "train.log_every=1",
         "train.progress=false",
@@ -191,31 +208,37 @@ def main() -> int:
             results[f"loader_workers{workers}_samples_per_s"] = rate
             results[f"loader_workers{workers}_first_batch_s"] = first
             print(f"| {workers} | {rate:,.0f} | {first:.2f} |")
-        consumed = step_consumption(shards[small], 2 if args.quick else 3)
+        consumed = step_consumption(shards[small], 1 if args.quick else 2)
         results["resnet18_step_samples_per_s"] = consumed
         print(
             f"\nResNet-18 MGDA-UB step (recipe, width 64, one process) consumes {consumed:,.0f} samples/s\n"
         )
 
-        steps, width = (3, 8) if args.quick else (5, 64)
+        # Width 16: the width-64 step takes about a minute on this CPU; memory of the data path does
+        # not depend on the width.
+        steps, width = (3, 8) if args.quick else (5, 16)
         print(f"## One rank, {steps}-step run of the recipe (width {width}), data.workers=2\n")
-        print("| images | rank peak RSS (MB) | largest worker RSS (MB) | launch to step 1 (s) |")
-        print("|---|---|---|---|")
+        print("| images | rank peak RSS (MB) | largest worker RSS (MB) | launch to first batch (s) ", end="")
+        print("| to step 1 end (s) |")
+        print("|---|---|---|---|---|")
         for n in (small, large):
             memory = run_memory(shards[n], tmp_path / f"run{n}", steps, width)
             results[f"memory_{n}"] = memory
             print(
                 f"| {n:,} | {memory['rank_peak_mb']:.0f} | {memory['worker_peak_mb']:.0f} | "
-                f"{memory['first_step_s']:.1f} |"
+                f"{memory['first_batch_s']:.1f} | {memory['first_step_s']:.1f} |"
             )
+        results["import_s"] = import_seconds()
+        imported = results["import_s"]
+        print(f"\n(of the time to the first batch, importing torch and the entry point: {imported:.1f} s)")
         growth = results[f"memory_{large}"]["rank_peak_mb"] / results[f"memory_{small}"]["rank_peak_mb"]
         results["rank_peak_growth"] = growth
         print(f"\nrank peak RSS {large:,} / {small:,} images: {growth:.3f}x\n")
 
-        share_steps, share_width = (4, 8) if args.quick else (12, 16)
-        share = data_share(shards[small], tmp_path / "share", share_steps, share_width)
+        share_steps, share_width = (4, 8) if args.quick else (8, 16)
+        share = data_share(shards[large], tmp_path / "share", share_steps, share_width)
         results["data_share"] = share
-        print(f"## 2 ranks (1 x 2 exact MGDA, width {share_width}, 2 workers each): share of `data`\n")
+        print(f"## 2 ranks (MGDA-UB, width {share_width}, 2 workers each): share of `data` in the step\n")
         rank0, rank1 = (100 * share[f"data_share_rank{r}"] for r in (0, 1))
         print(f"rank 0: {rank0:.1f} %, rank 1: {rank1:.1f} %")
     if args.json:
