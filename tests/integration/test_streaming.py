@@ -4,6 +4,7 @@ converted CelebA miniature and on bring-your-own arrays with missing labels, and
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,9 @@ import torch
 from dist_mtl.checkpoint import load_checkpoint
 from dist_mtl.cli import main
 from dist_mtl.config import load_config
-from dist_mtl.data import make_celeba_miniature
+from dist_mtl.data import Batch, make_celeba_miniature
 from dist_mtl.data.celeba_like import make_celeba_like_shards
+from dist_mtl.data.stream import ShardSource
 from dist_mtl.trainer import train
 
 # 64 train images in 8 shards of 8 (16 x 16): 6 steps an epoch at batch 10, so step 9 is mid-epoch 2.
@@ -89,6 +91,47 @@ def test_celeba_miniature_on_two_ranks_equals_one_process(tmp_path: Path) -> Non
     assert summary["metrics"]["average_error"] == pytest.approx(
         np.mean([m["error"] for m in summary["tasks"].values()])
     )
+
+
+class UnionOfParts:
+    """One process reading what D replicas read: step s's batch is the concatenation of the D parts'
+    batches of step s, i.e. the global batch of a D-replica run (the engine's contract reference)."""
+
+    def __init__(self, source: ShardSource, parts: int) -> None:
+        self.source, self.parts = source, parts
+        self.tasks, self.input_shape = source.tasks, source.input_shape
+
+    def train_count(self) -> int:
+        return self.source.train_count()
+
+    def steps_per_epoch(self, batch_size: int, parts: int) -> int:
+        return self.source.steps_per_epoch(batch_size, self.parts)
+
+    def position(self, step: int, batch_size: int, parts: int) -> dict[str, int]:
+        return self.source.position(step, batch_size, self.parts)
+
+    def train_batches(self, *, part: tuple[int, int], **kwargs) -> Iterator[Batch]:
+        streams = [self.source.train_batches(part=(r, self.parts), **kwargs) for r in range(self.parts)]
+        for batches in zip(*streams, strict=True):
+            yield Batch(torch.cat([b.x for b in batches]), torch.cat([b.y for b in batches]))
+
+    def eval_batches(self, **kwargs) -> Iterator[Batch]:
+        return self.source.eval_batches(**kwargs)
+
+
+def test_two_replicas_equal_one_process_reading_both_parts(tmp_path: Path, celeba_like: Path) -> None:
+    """2 x 1 exact MGDA through the CLI (each replica streams its own shards) equals one process
+    trained on the union of the two parts' batches: the engine's contract on streamed data."""
+    common = [*STREAM, f"data.path={celeba_like}", "train.steps=8", "train.threads=1"]
+    common += ["optim.name=sgd", "optim.lr=0.05"]
+    two = tmp_path / "two"
+    argv = ["train", "--nproc", "2", *common, f"run_dir={two}", "engine.replicas=2", "data.workers=1"]
+    assert main(argv) == 0
+    cfg = load_config(None, [*common, f"run_dir={tmp_path / 'one'}"])
+    train(cfg, datasets=UnionOfParts(ShardSource(celeba_like, image_size=16, shuffle_buffer=12), 2))
+    expected, got = _params(tmp_path / "one"), _params(two)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
 
 
 def _byo_arrays(directory: Path, rows: int = 120) -> tuple[Path, Path]:
