@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from dist_mtl.errors import ConfigError
 
 if TYPE_CHECKING:  # only for annotations: keeps this module importable without the data package
-    from dist_mtl.data import MultiTaskDataset, TaskSpec
+    from dist_mtl.data import TaskSpec
     from dist_mtl.models import MultiTaskModel
 
 MISSING_LABEL = -1
@@ -292,23 +292,3 @@ def evaluate(
     if all_reduce is not None:
         all_reduce(sums.tensor)
     return finalize(sums, tasks)
-
-
-def dataset_batches(
-    data: MultiTaskDataset,
-    device: torch.device | str,
-    batch_size: int = 1024,
-    *,
-    part: tuple[int, int] = (0, 1),
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of an in-memory split for `evaluate`: with `part` = (index, parts), only this process's
-    contiguous share, so the ranks split the evaluation instead of idling behind rank 0."""
-    index, parts = part
-    n = len(data)
-    begin, end = n * index // parts, n * (index + 1) // parts
-    for start in range(begin, end, batch_size):
-        stop = min(start + batch_size, end)
-        yield (
-            data.x[start:stop].to(device, non_blocking=True),
-            data.y[start:stop].to(device, non_blocking=True),
-        )

@@ -31,8 +31,9 @@ import torch
 
 from dist_mtl.build import build_balancer_for, build_datasets, build_model_for, build_optimizer
 from dist_mtl.config import load_config
+from dist_mtl.data import MemorySource
 from dist_mtl.data.memory import batch_indices, part_rows
-from dist_mtl.metrics import dataset_batches, evaluate
+from dist_mtl.metrics import evaluate
 from dist_mtl.observe import StepRecorder
 from dist_mtl.reference import RepStep
 from dist_mtl.trainer import train
@@ -216,7 +217,8 @@ def test_batch_norm_checkpoint_and_evaluation_use_the_replica_average(world_size
     train_set, test_set = build_datasets(cfg)
     model = build_model_for(cfg, train_set)
     model.load_state_dict(ckpt["model"])
-    metrics = evaluate(model, dataset_batches(test_set, CPU), CPU, test_set.tasks)
+    batches = MemorySource(train_set, test_set).eval_batches(batch_size=1024, part=(0, 1), device=CPU)
+    metrics = evaluate(model, ((b.x, b.y) for b in batches), CPU, test_set.tasks)
     summary = json.loads((run_dir / "summary.json").read_text())["tasks"]
     diffs = compare(summary, metrics)
     assert not diffs, "\n".join(diffs)

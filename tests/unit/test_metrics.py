@@ -11,12 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from dist_mtl.data import TaskSpec
+from dist_mtl.data import MemorySource, MultiTaskDataset, TaskSpec
 from dist_mtl.errors import ConfigError
 from dist_mtl.metrics import (
     MetricSums,
     average_error,
-    dataset_batches,
     delta_m,
     evaluate,
     finalize,
@@ -224,23 +223,25 @@ def test_evaluate_restores_the_mode_when_the_model_fails() -> None:
     assert model.training
 
 
-def test_dataset_batches_split_the_data_into_disjoint_parts() -> None:
-    class Data:
-        x, y = _data(23)
+def test_evaluation_parts_of_an_in_memory_split_sum_to_the_whole() -> None:
+    """MemorySource.eval_batches: parts (i, 3) cover the split once; their sums add up to the whole."""
+    data = MultiTaskDataset(*_data(23), tasks=tuple(TASKS))
+    source = MemorySource(data, data)
 
-        def __len__(self) -> int:
-            return 23
+    def batches(part: tuple[int, int], size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [
+            (b.x, b.y) for b in source.eval_batches(batch_size=size, part=part, device=torch.device("cpu"))
+        ]
 
-    parts = [list(dataset_batches(Data(), "cpu", batch_size=5, part=(i, 3))) for i in range(3)]
-    xs = torch.cat([x for part in parts for x, _ in part])
-    torch.testing.assert_close(xs, Data.x)
+    xs = torch.cat([x for i in range(3) for x, _ in batches((i, 3), 5)])
+    torch.testing.assert_close(xs, data.x)
     model = _model()
-    whole = evaluate(model, dataset_batches(Data(), "cpu", batch_size=4), "cpu", TASKS)
+    whole = evaluate(model, batches((0, 1), 4), "cpu", TASKS)
     totals = torch.zeros(6, len(TASKS), dtype=torch.float64)
     for i in range(3):
         part = MetricSums(len(TASKS))
         with torch.no_grad():
-            for x, y in dataset_batches(Data(), "cpu", batch_size=4, part=(i, 3)):
+            for x, y in batches((i, 3), 4):
                 part.add(model(x), y)
         totals = totals + part.tensor
     _assert_close(finalize(totals, TASKS), whole)
