@@ -112,21 +112,24 @@ def import_seconds() -> float:
     return time.perf_counter() - start
 
 
-def run_memory(path: Path, run_dir: Path, steps: int, width: int) -> dict[str, float]:
-    """Peak RSS (MB) of the rank and of its largest worker, and seconds from launch to the first
-    batch in hand (step 1's end, less its compute: time/step - time/data of its record)."""
-    overrides = [
+def recipe_run(path: Path, run_dir: Path, steps: int, width: int) -> list[str]:
+    """Overrides of the recipe for a short measured run: 2 loader workers, every step logged."""
+    return [
         f"data.path={path}",
         f"run_dir={run_dir}",
         f"train.steps={steps}",
         f"model.width={width}",
         "data.workers=2",
         "train.log_every=1",
-        "train.checkpoint_every=0",
         "train.progress=false",
         "observe.tensorboard=false",
-        "eval.batch_size=256",
     ]
+
+
+def run_memory(path: Path, run_dir: Path, steps: int, width: int) -> dict[str, float]:
+    """Peak RSS (MB) of the rank and of its largest worker, and seconds from launch to the first
+    batch in hand (step 1's end, less its compute: time/step - time/data of its record)."""
+    overrides = [*recipe_run(path, run_dir, steps, width), "eval.batch_size=256"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
     start = time.perf_counter()
     proc = subprocess.Popen(
@@ -158,16 +161,7 @@ def run_memory(path: Path, run_dir: Path, steps: int, width: int) -> dict[str, f
 
 def data_share(path: Path, run_dir: Path, steps: int, width: int) -> dict[str, float]:
     """Mean share of the `data` phase in the step on each rank of a 2-rank rep run (after 2 steps)."""
-    overrides = [
-        f"data.path={path}",
-        f"run_dir={run_dir}",
-        f"train.steps={steps}",
-        f"model.width={width}",
-        "data.workers=2",
-        "train.log_every=1",
-        "train.progress=false",
-        "observe.tensorboard=false",
-    ]
+    overrides = recipe_run(path, run_dir, steps, width)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     subprocess.run(
         [sys.executable, "-m", "dist_mtl.cli", "train", "--nproc", "2", str(RECIPE), *overrides],
