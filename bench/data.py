@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dist_mtl.config import load_config  # noqa: E402
+from dist_mtl.data import DEFAULT_SHARD_SIZE  # noqa: E402
 from dist_mtl.data.celeba_like import make_celeba_like_shards  # noqa: E402
 from dist_mtl.data.stream import ShardSource  # noqa: E402
 from dist_mtl.observe import StepRecorder  # noqa: E402
@@ -192,7 +193,9 @@ def main() -> int:
         shards: dict[int, Path] = {}
         for n in (small, large):
             start = time.perf_counter()
-            shards[n] = make_celeba_like_shards(tmp_path / f"celeba{n}", n, seed=0).parent
+            # --quick: small shards, so that its 2,000 images still give the 2-rank run a shard per part
+            size = 250 if args.quick else DEFAULT_SHARD_SIZE
+            shards[n] = make_celeba_like_shards(tmp_path / f"celeba{n}", n, seed=0, shard_size=size).parent
             results[f"generate_{n}_s"] = time.perf_counter() - start
 
         print(f"## Loader throughput ({large} generated images, batch {BATCH}, one data part)\n")
