@@ -34,9 +34,6 @@ def build_datasets(cfg: RunConfig) -> tuple[MultiTaskDataset, MultiTaskDataset] 
     return build_dataset(d.name, seed=cfg.seed, **options)
 
 
-DataSource = BatchSource
-
-
 def build_source(cfg: RunConfig) -> BatchSource:
     """The configured data as the trainer's batch source: in memory for the bundled sets, streamed
     (`ShardSource`) for shard directories."""

@@ -21,7 +21,6 @@ from tqdm import tqdm
 
 from dist_mtl.backend import Backend, SingleProcess
 from dist_mtl.build import (
-    DataSource,
     build_balancer_for,
     build_model_for,
     build_optimizer,
@@ -30,7 +29,7 @@ from dist_mtl.build import (
 )
 from dist_mtl.checkpoint import load_latest_checkpoint, save_checkpoint
 from dist_mtl.config import RunConfig, config_to_dict, save_config
-from dist_mtl.data import MemorySource, MultiTaskDataset
+from dist_mtl.data import BatchSource, MemorySource, MultiTaskDataset
 from dist_mtl.errors import CheckpointError, RunDirError, TrainingFailed
 from dist_mtl.gradients import labelled_counts
 from dist_mtl.metrics import evaluate, load_baseline, metric_scalars, summary_metrics
@@ -125,7 +124,7 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     backend: Backend | None = None,
-    datasets: DataSource | tuple[MultiTaskDataset, MultiTaskDataset] | None = None,
+    datasets: BatchSource | tuple[MultiTaskDataset, MultiTaskDataset] | None = None,
 ) -> dict[str, Any]:
     """Run training as configured; returns (and on rank 0 writes) the run summary.
 
@@ -159,10 +158,11 @@ def train(
     # branches): counted on every step, so a record shows what happened between logged steps too.
     events: dict[str, int] = {}
     # Data counts of the whole run: [corrupt samples masked (data.on_error=skip), labelled samples per
-    # task], as of the checkpoint resumed from, plus this part's counts since this (re)start, kept on
-    # the device so that counting costs no host copy (`run_data_counts` sums the parts).
+    # task], as of the checkpoint resumed from; this part's counts since this (re)start are added by
+    # `run_data_counts`. Corrupt samples are counted on the host (the loader reports them), labelled
+    # samples on the device, so counting costs no host copy.
     data_before = [0.0] * (1 + len(tasks))
-    skipped_samples = 0  # this part's, since this (re)start, for the logs
+    skipped_samples = 0
     if resume:
         ckpt, _ = load_latest_checkpoint(run_dir)
         saved = json.loads(ckpt["config"]) if "config" in ckpt else None
@@ -189,12 +189,13 @@ def train(
 
     if resume and rt.rank == 0:
         truncate_gramians(run_dir, start_step)
-    data_counts = torch.zeros(1 + len(tasks), dtype=torch.float64, device=rt.device)
+    labelled_seen = torch.zeros(len(tasks), dtype=torch.float64, device=rt.device)
     ranks_per_part = rt.world_size // part[1]  # the ranks of one part read the same samples
 
     def run_data_counts() -> list[float]:
         """The run's data counts over every part (a collective: every rank calls it)."""
-        total = data_counts.clone()
+        skipped_here = torch.tensor([float(skipped_samples)], dtype=torch.float64, device=rt.device)
+        total = torch.cat([skipped_here, labelled_seen])
         rt.all_reduce(total)
         return [b + n / ranks_per_part for b, n in zip(data_before, total.cpu().tolist(), strict=True)]
 
@@ -275,9 +276,7 @@ def train(
                     batch = next(batches)
                     skipped_samples += batch.skipped
                     labelled = labelled_counts(batch.y)
-                    if batch.skipped:
-                        data_counts[0] += batch.skipped
-                    data_counts[1:] += labelled
+                    labelled_seen += labelled
                 for group in optimizer.param_groups:  # one group: the schedule is a function of the step
                     group["lr"] = learning_rate(cfg, step, per_epoch)
                 result = step_fn(batch.x, batch.y, rec)
