@@ -24,6 +24,7 @@ from dist_mtl.engine import Engine, Layout, process_group, resolve_layout
 from dist_mtl.engine.checksum import ReplicaDivergenceError
 from dist_mtl.engine.comm import CollectiveError
 from dist_mtl.errors import TrainingFailed, UserError
+from dist_mtl.restart import attempt_flags
 from dist_mtl.rundir import check_run_dir, prepare_run_dir
 from dist_mtl.trainer import format_summary, train
 
@@ -110,7 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_intermixed_args(argv)
     try:
         config, overrides = split_config_and_overrides(ns.args)
-        return run(load_config(config, overrides), resume=ns.resume, overwrite=ns.overwrite)
+        cfg = load_config(config, overrides)
+        resume, overwrite = attempt_flags(cfg.run_dir, ns.resume, ns.overwrite)
+        return run(cfg, resume=resume, overwrite=overwrite)
     except (UserError, FileNotFoundError) as exc:  # a missing input file is the user's error too
         print(f"dist_mtl.train: {_where()}error: {exc}", file=sys.stderr, flush=True)
         return 2
