@@ -44,6 +44,29 @@ class Step(Protocol):
     def __call__(self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder) -> StepResult: ...
 
 
+class StopAgreement(Protocol):
+    """How the ranks agree on the step after which a run stops (`dist_mtl.stop`)."""
+
+    def vote(self, reason: int) -> int:
+        """Contribute this rank's stop reason; returns the reason all ranks agreed on (the same on
+        every rank at the same step; the engine's lags one step so no rank ever waits for it)."""
+        ...
+
+    def settle(self) -> int:
+        """Finish any outstanding vote (before a checkpoint or the end of the loop)."""
+        ...
+
+
+class LocalStopVote:
+    """One process: its own stop reason is the agreement, with no lag."""
+
+    def vote(self, reason: int) -> int:
+        return reason
+
+    def settle(self) -> int:
+        return 0
+
+
 class Backend(Protocol):
     """What the training loop needs from a single process or a rank of a distributed run."""
 
@@ -53,6 +76,7 @@ class Backend(Protocol):
     # (index, parts): this rank reads part `index` of `parts` disjoint parts of every global batch;
     # the ranks of one task group share a part (exact mode), every rank is its own part in rep.
     data_part: tuple[int, int]
+    stop_vote: StopAgreement
 
     def make_step(
         self, cfg: RunConfig, model: MultiTaskModel, balancer: Balancer, optimizer: torch.optim.Optimizer
@@ -90,6 +114,7 @@ class SingleProcess:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.stop_vote = LocalStopVote()
         self._parts: tuple[MultiTaskModel, torch.optim.Optimizer, Balancer] | None = None
 
     def make_step(

@@ -26,6 +26,7 @@ from dist_mtl.engine.comm import CollectiveError
 from dist_mtl.errors import TrainingFailed, UserError
 from dist_mtl.restart import attempt_flags
 from dist_mtl.rundir import check_run_dir, prepare_run_dir
+from dist_mtl.stop import REQUEUE, STOPPED_EXIT, RunStopped, requeue_this_job
 from dist_mtl.trainer import format_summary, train
 
 
@@ -58,9 +59,21 @@ def build_checked_source(cfg: RunConfig) -> BatchSource:
 
 
 def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> int:
-    """Train as this process; returns the exit code (0; 1 for a failed collective). Raises UserError."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return run_distributed(cfg, resume=resume, overwrite=overwrite)
+    """Train as this process; returns the exit code (0; 1 for a failed collective; STOPPED_EXIT when
+    the cluster stopped the run after a checkpoint). Raises UserError."""
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return run_distributed(cfg, resume=resume, overwrite=overwrite)
+        return run_single(cfg, resume=resume, overwrite=overwrite)
+    except RunStopped as stopped:
+        print(f"dist_mtl.train: {_where()}{stopped}", file=sys.stderr, flush=True)
+        if stopped.reason == REQUEUE and int(os.environ.get("RANK", "0")) == 0:
+            requeue_this_job()
+        return STOPPED_EXIT
+
+
+def run_single(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> int:
+    """The single-process trainer, no collectives at all."""
     num_tasks(cfg)  # the task options, checked without building the data
     preflight(cfg, resume=resume, overwrite=overwrite)
     summary = train(cfg, resume=resume, overwrite=overwrite, datasets=build_checked_source(cfg))

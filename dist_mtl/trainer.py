@@ -37,6 +37,7 @@ from dist_mtl.observe import JsonlSink, MetricSink, MultiSink, ProfilerWindow, S
 from dist_mtl.observe.gramians import truncate_gramians, write_gramian
 from dist_mtl.reference import StepResult
 from dist_mtl.rundir import check_resumable, prepare_run_dir, truncate_records
+from dist_mtl.stop import RunStopped, StopRequest
 
 
 def total_steps(cfg: RunConfig, per_epoch: int) -> int:
@@ -255,8 +256,10 @@ def train(
             history.append({"step": step, **flat})
         return metrics, overall
 
+    stop = StopRequest()  # preemption / requeue / pre-timeout signals, inside a SLURM job only
     try:
         with profiler, contextlib.ExitStack() as stack:
+            stack.enter_context(stop.installed())
             # One iterator for the whole run (its loader workers live across epochs); closing it stops
             # them at once, also when a step fails.
             batches = stack.enter_context(
@@ -303,8 +306,16 @@ def train(
                     not cfg.train.eval_every and epoch_end and done != n_steps
                 ):
                     run_eval(done)
-                if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done != n_steps:
+                checkpointed = cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0
+                if checkpointed and done != n_steps:
                     checkpoint(done)
+                agreed = rt.stop_vote.vote(stop.reason)
+                if agreed and done != n_steps:  # every rank sees the same `agreed` after the same step
+                    rt.stop_vote.settle()
+                    if not checkpointed:
+                        checkpoint(done)
+                    raise RunStopped(done, agreed, stop.signal_name)
+            rt.stop_vote.settle()
         bar.close()
         # Resuming a finished run only re-reads its result: its final evaluation and checkpoint exist.
         finished = start_step == n_steps

@@ -23,6 +23,7 @@ from dist_mtl.engine.fault import fault_injector
 from dist_mtl.engine.layout import Layout
 from dist_mtl.engine.protocols import Groups, StepContext, build_protocol, protocol_class
 from dist_mtl.engine.state import HeadShards, ReplicatedState
+from dist_mtl.engine.stop_vote import StopVote
 from dist_mtl.engine.sync_norm import attach_norm_sync
 from dist_mtl.gradients import flatten_parameters
 from dist_mtl.models import MultiTaskModel
@@ -53,6 +54,7 @@ class Engine:
         self.comm = Comm(self.rank, cfg.engine.timeout_s)
         self.groups = mesh_groups(mesh, layout, self.rank)
         self.state: ReplicatedState | None = None
+        self.stop_vote = StopVote(cfg.engine.timeout_s)
         if protocol_class(cfg.engine.protocol).mode == "rep":  # pure data parallelism over the world
             self.data_part = (self.groups.world.index(self.rank), self.world_size)
         else:  # the K ranks of a task group share replica r's part

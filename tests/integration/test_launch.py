@@ -42,7 +42,7 @@ def test_submitit_local_executor_runs_two_ranks(tmp_path: Path) -> None:
     done = submit(
         "--executor",
         "local",
-        "--timeout-min",
+        "--time",
         "5",
         "--tasks-per-node",
         "2",
@@ -64,7 +64,7 @@ def test_a_failed_job_reports_the_failing_rank_s_line(tmp_path: Path) -> None:
     done = submit(
         "--executor",
         "local",
-        "--timeout-min",
+        "--time",
         "5",
         "--tasks-per-node",
         "2",
@@ -110,15 +110,12 @@ def test_a_run_dir_holding_a_run_fails_before_submission(tmp_path: Path) -> None
 
 def test_requeue_resumes_from_a_step_checkpoint_without_last_pt(tmp_path: Path) -> None:
     """A preemption between step_*.pt and last.pt: the requeue must resume, not --overwrite the run."""
-    sys.path.insert(0, str(Path(__file__).parents[2] / "launch"))
-    try:
-        import submit
-    finally:
-        sys.path.pop(0)
     from dist_mtl.checkpoint import save_checkpoint
+    from dist_mtl.restart import attempt_flags
 
-    overrides = [f"run_dir={tmp_path}"]
-    assert submit.TrainJob().checkpoint(None, overrides).args[2:] == (False, True)  # nothing yet: restart
+    requeued = {"SLURM_RESTART_COUNT": "1"}
+    assert attempt_flags(str(tmp_path), False, False, {}) == (False, False)  # the first attempt: as given
+    assert attempt_flags(str(tmp_path), False, False, requeued) == (False, True)  # nothing yet: restart
     save_checkpoint(tmp_path, 4, {"model": {}})
     (tmp_path / "checkpoints" / "last.pt").unlink()
-    assert submit.TrainJob().checkpoint(None, overrides).args[2:] == (True, False)  # resume
+    assert attempt_flags(str(tmp_path), False, False, requeued) == (True, False)  # resume
