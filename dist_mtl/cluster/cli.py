@@ -38,19 +38,36 @@ def check_before_submission(cfg: RunConfig, opts: LaunchOptions, *, resume: bool
     prepare_run_dir(Path(cfg.run_dir), resume=resume, overwrite=overwrite, writer=False)
 
 
-def add_launch_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "launch",
-        help="submit a run to SLURM (submitit), wait, print its summary",
-        description=LAUNCH_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def configure_launch_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_launch_arguments(p)
     p.add_argument(
         "--dry-run", action="store_true", help="check everything and print the sbatch script; submit nothing"
     )
     p.set_defaults(func=launch)
     return p
+
+
+def add_launch_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """`launch` as a sub-command of `dist-mtl`."""
+    return configure_launch_parser(
+        sub.add_parser(
+            "launch",
+            help="submit a run to SLURM (submitit), wait, print its summary",
+            description=LAUNCH_DESCRIPTION,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+
+
+def build_launch_parser() -> argparse.ArgumentParser:
+    """`launch` on its own (launch/submit.py, and `dist-mtl launch`'s intermixed parsing)."""
+    return configure_launch_parser(
+        argparse.ArgumentParser(
+            prog="dist-mtl launch",
+            description=LAUNCH_DESCRIPTION,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
 
 
 def launch(ns: argparse.Namespace) -> int:
@@ -70,10 +87,7 @@ def launch(ns: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`launch/submit.py`'s entry: the same as `dist-mtl launch`."""
-    parser = argparse.ArgumentParser(prog="dist-mtl launch")
-    sub = parser.add_subparsers(dest="command", required=True)
-    launch_parser = add_launch_parser(sub)
-    ns = launch_parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
+    ns = build_launch_parser().parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
     try:
         return launch(ns)
     except (UserError, FileNotFoundError) as exc:
