@@ -29,7 +29,7 @@ from dist_mtl.errors import ConfigError, TrainingFailed
 _RANK_ERROR = re.compile(r"dist_mtl\.train: (?:rank \d+: )?error: .*")
 POLL_S = 2.0
 # After SLURM says the job ended, how long its result files may take to appear (shared filesystems).
-RESULT_GRACE_S = 30.0
+RESULT_GRACE_S = 15.0
 
 
 def log_folder(opts: LaunchOptions, cfg: RunConfig) -> Path:

@@ -142,3 +142,28 @@ def test_a_stopped_job_is_requeued_and_ends_with_the_uninterrupted_parameters(
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
+
+
+@pytest.mark.timeout(240)
+def test_a_cancelled_job_is_reported_not_waited_for_forever(
+    slurm_cluster: SlurmCluster, launched: tuple[subprocess.Popen, str, Path]
+) -> None:
+    """No accounting: submitit would see UNKNOWN forever; the launcher reads scontrol and ends."""
+    proc, job, run_dir = launched
+    wait_for_steps(run_dir, proc, 5)
+    slurm_cluster.scancel(job)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"dist-mtl: error: job {job} ended CANCELLED") and "without a result" in last, err
+
+
+@pytest.mark.timeout(240)
+def test_a_failed_job_prints_the_failing_rank_s_error(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    args = launch_args(slurm_cluster, tmp_path / "run", *SMALL, "train.steps=8", "engine.protocol=gramian")
+    env = {**slurm_cluster.env, "DIST_MTL_FAULT": "exit:1:2"}
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)
+    assert done.returncode != 0, done.stdout + done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("dist_mtl.train: rank 0: error: ") and "step 2" in last, done.stderr
+    assert "Traceback" not in done.stderr
