@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -35,7 +36,9 @@ dist_mtl/config.py (a comment on every field).
 TRAIN_EPILOG = """\
 With --nproc N > 1 the config and the D x K layout are checked here, then torchrun starts N local
 ranks. SIGTERM or Ctrl-C stops torchrun and every rank; when a rank fails, its error line is
-printed last.
+printed last. With --max-restarts R torchrun starts every rank again after a failure, up to R
+times, and the run resumes from its last checkpoint (set train.checkpoint_every). Several machines:
+run the same command on each with --nnodes M --rdzv-endpoint HOST:PORT (W = M x N ranks).
 """
 
 # torchrun's grace period between its SIGTERM to the ranks and its SIGKILL; ours comes a bit later.
@@ -46,18 +49,52 @@ KILL_AFTER_S = SHUTDOWN_TIMEOUT_S + 5
 MONITOR_INTERVAL_S = 1.0
 _RANK_ERROR = re.compile(r"dist_mtl\.train: rank \d+: error: .*")
 _ROOT_CAUSE = re.compile(r"rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)")
+# torchrun's line for a failed attempt, logged after it has stopped every rank of that attempt.
+_ATTEMPT_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)")
+# torch >= 2.5 keeps its agent's TCP store across restarts, so a restarted rank can read the previous
+# attempt's gloo / NCCL addresses and fail to connect (pytorch/pytorch#135712); with this set, every
+# attempt gets a fresh store on rank 0.
+_FRESH_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """torchrun's c10d rendezvous of a multi-node job: `nnodes` agents meet at `endpoint` (HOST:PORT,
+    hosted by the agent on HOST); `run_id` names the job (torchrun's default when None)."""
+
+    nnodes: int
+    endpoint: str
+    run_id: str | None = None
+
+    def torchrun_options(self) -> list[str]:
+        return [
+            f"--nnodes={self.nnodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={self.endpoint}",
+            *([f"--rdzv-id={self.run_id}"] if self.run_id else []),
+        ]
 
 
 def torchrun_command(
-    nproc: int, args: Sequence[str], *, resume: bool, overwrite: bool, log_dir: str
+    nproc: int,
+    args: Sequence[str],
+    *,
+    resume: bool,
+    overwrite: bool,
+    log_dir: str,
+    max_restarts: int = 0,
+    rendezvous: Rendezvous | None = None,
 ) -> list[str]:
-    """torchrun running `python -m dist_mtl.train` on `nproc` local ranks with the same arguments."""
+    """torchrun running `python -m dist_mtl.train` on `nproc` local ranks with the same arguments,
+    starting the whole group again up to `max_restarts` times when a rank fails; one node
+    (`--standalone`) unless a multi-node `rendezvous` is given."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
+        *(rendezvous.torchrun_options() if rendezvous else ["--standalone"]),
         f"--nproc_per_node={nproc}",
+        f"--max-restarts={max_restarts}",
         f"--log-dir={log_dir}",  # else torchrun leaves a torchelastic_* directory in TMPDIR
         f"--monitor-interval={MONITOR_INTERVAL_S}",
         f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}",
@@ -106,11 +143,17 @@ def _kill(pid: int, signum: int, *, group: bool = False) -> None:
 
 class _Relay(threading.Thread):
     """Copies one of torchrun's pipes to ours as bytes arrive (progress bars intact) and keeps the
-    ranks' error lines and the end of the text, to report a failure last."""
+    ranks' error lines and the end of the text, to report a failure last.
 
-    def __init__(self, source: IO[bytes], sink: IO[bytes]) -> None:
+    With `max_restarts` > 0 (torchrun's stderr) it notes each failed attempt that torchrun will
+    restart with one line of its own, and forgets that attempt's error lines: a run that fails in
+    the end reports the lines of its last attempt."""
+
+    def __init__(self, source: IO[bytes], sink: IO[bytes], max_restarts: int = 0) -> None:
         super().__init__(daemon=True)
         self.source, self.sink = source, sink
+        self.max_restarts = max_restarts
+        self.restarts = 0
         self.errors: list[str] = []
         self.tail = ""
         self._partial = b""
@@ -129,6 +172,17 @@ class _Relay(threading.Thread):
             found = _RANK_ERROR.search(line)
             if found and found.group(0) not in self.errors:
                 self.errors.append(found.group(0))
+            failed = _ATTEMPT_FAILED.search(line) if self.max_restarts else None
+            if failed and self.restarts < self.max_restarts:
+                self.restarts += 1
+                self.errors.clear()
+                code, rank = failed.groups()
+                notice = (
+                    f"dist-mtl: local rank {rank} failed (exit code {code}); torchrun restarts every rank "
+                    f"(restart {self.restarts} of {self.max_restarts}), resuming from the last checkpoint\n"
+                )
+                self.sink.write(notice.encode())
+                self.sink.flush()
         self.tail = (self.tail + chunk.decode(errors="replace"))[-20000:]
 
 
@@ -200,22 +254,43 @@ def _report_failure(stderr: _Relay) -> None:
         )
 
 
-def run_torchrun(nproc: int, args: Sequence[str], *, resume: bool = False, overwrite: bool = False) -> int:
+def run_torchrun(
+    nproc: int,
+    args: Sequence[str],
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    max_restarts: int = 0,
+    rendezvous: Rendezvous | None = None,
+) -> int:
     """Run `nproc` ranks under torchrun in its own session, relay their output, stop them on a signal.
 
     torchrun gets a private log directory, removed afterwards. Returns torchrun's exit code, or
     128 + the signal number when stopped by a signal.
     """
     log_dir = tempfile.mkdtemp(prefix="dist-mtl-torchrun-")
-    cmd = torchrun_command(nproc, args, resume=resume, overwrite=overwrite, log_dir=log_dir)
+    cmd = torchrun_command(
+        nproc,
+        args,
+        resume=resume,
+        overwrite=overwrite,
+        log_dir=log_dir,
+        max_restarts=max_restarts,
+        rendezvous=rendezvous,
+    )
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if max_restarts:
+        env.setdefault(_FRESH_STORE_ENV, "1")
     try:
         proc = subprocess.Popen(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
         )
         if proc.stdout is None or proc.stderr is None:  # cannot happen with PIPE; narrows the types
             raise RuntimeError("torchrun was started without output pipes")
-        relays = [_Relay(proc.stdout, sys.stdout.buffer), _Relay(proc.stderr, sys.stderr.buffer)]
+        relays = [
+            _Relay(proc.stdout, sys.stdout.buffer),
+            _Relay(proc.stderr, sys.stderr.buffer, max_restarts=max_restarts),
+        ]
         for relay in relays:
             relay.start()
         supervisor = _Supervisor(proc)
@@ -237,12 +312,45 @@ def run_torchrun(nproc: int, args: Sequence[str], *, resume: bool = False, overw
 def _train(ns: argparse.Namespace) -> int:
     config, overrides = split_config_and_overrides(ns.args)
     cfg = load_config(config, overrides)
-    if ns.nproc == 1:
+    rendezvous = _rendezvous(ns)
+    if ns.nproc == 1 and ns.max_restarts == 0 and rendezvous is None:
         return run(cfg, resume=ns.resume, overwrite=ns.overwrite)
-    check_layout(cfg, ns.nproc)
+    check_layout(cfg, ns.nproc * ns.nnodes)
     preflight(cfg, resume=ns.resume, overwrite=ns.overwrite)
     args = [*([config] if config else []), *overrides]
-    return run_torchrun(ns.nproc, args, resume=ns.resume, overwrite=ns.overwrite)
+    return run_torchrun(
+        ns.nproc,
+        args,
+        resume=ns.resume,
+        overwrite=ns.overwrite,
+        max_restarts=ns.max_restarts,
+        rendezvous=rendezvous,
+    )
+
+
+def _rendezvous(ns: argparse.Namespace) -> Rendezvous | None:
+    """The multi-node rendezvous that --nnodes / --rdzv-endpoint / --rdzv-id ask for, or None."""
+    if ns.rdzv_endpoint is None:
+        if ns.nnodes > 1:
+            raise UserError(
+                f"--nnodes {ns.nnodes} needs --rdzv-endpoint HOST:PORT (a free port on one of the "
+                "nodes, the same on every node)"
+            )
+        if ns.rdzv_id is not None:
+            raise UserError("--rdzv-id needs --rdzv-endpoint HOST:PORT")
+        return None
+    return Rendezvous(ns.nnodes, ns.rdzv_endpoint, ns.rdzv_id)
+
+
+def _endpoint(text: str) -> str:
+    """An argparse type: HOST:PORT with a port in 1..65535."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"must be HOST:PORT with a port in 1..65535; got {text!r}")
+    return text
+
+
+_endpoint.__name__ = "HOST:PORT"
 
 
 def _profile(ns: argparse.Namespace) -> int:
@@ -297,6 +405,34 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--nproc", type=int_at_least(1), default=1, help="launch this many local ranks with torchrun (>= 1)"
+    )
+    p.add_argument(
+        "--max-restarts",
+        type=int_at_least(0),
+        default=0,
+        metavar="R",
+        help="when a rank fails, torchrun restarts every rank up to R times; each restart resumes "
+        "from the run's last checkpoint (train.checkpoint_every). With --nproc 1 and R > 0 the one "
+        "rank runs under torchrun too (default: 0)",
+    )
+    p.add_argument(
+        "--nnodes",
+        type=int_at_least(1),
+        default=1,
+        metavar="M",
+        help="machines of a multi-node job: run the same command on each, with --rdzv-endpoint "
+        "(--nproc ranks per machine; default: 1)",
+    )
+    p.add_argument(
+        "--rdzv-endpoint",
+        type=_endpoint,
+        default=None,
+        metavar="HOST:PORT",
+        help="torchrun's c10d rendezvous of a multi-node job: a free port on HOST, one of the nodes, "
+        "whose agent hosts it; the same on every node",
+    )
+    p.add_argument(
+        "--rdzv-id", default=None, metavar="ID", help="the job's rendezvous id, the same on every node"
     )
     p.set_defaults(func=_train)
 
