@@ -1,4 +1,4 @@
-"""`dist-mtl` command line: train, profile, data."""
+"""`dist-mtl` command line: train, launch, profile, report, data."""
 
 from __future__ import annotations
 
@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import IO
 
 from dist_mtl.argtypes import int_at_least
+from dist_mtl.cluster.cli import add_launch_parser, build_launch_parser
 from dist_mtl.config import load_config, split_config_and_overrides
 from dist_mtl.data.celeba_convert import DEFAULT_SHARD_SIZE
 from dist_mtl.errors import TrainingFailed, UserError
 from dist_mtl.observe.run_report import add_report_parser
+from dist_mtl.restart import attempt_flags
 from dist_mtl.train import check_layout, preflight, run
 
 TRAIN_DESCRIPTION = """\
@@ -313,16 +315,18 @@ def _train(ns: argparse.Namespace) -> int:
     config, overrides = split_config_and_overrides(ns.args)
     cfg = load_config(config, overrides)
     rendezvous = _rendezvous(ns)
+    # A requeued SLURM job runs this same command line again: it resumes (see dist_mtl.restart).
+    resume, overwrite = attempt_flags(cfg.run_dir, ns.resume, ns.overwrite)
     if ns.nproc == 1 and ns.max_restarts == 0 and rendezvous is None:
-        return run(cfg, resume=ns.resume, overwrite=ns.overwrite)
+        return run(cfg, resume=resume, overwrite=overwrite)
     check_layout(cfg, ns.nproc * ns.nnodes)
-    preflight(cfg, resume=ns.resume, overwrite=ns.overwrite)
+    preflight(cfg, resume=resume, overwrite=overwrite)
     args = [*([config] if config else []), *overrides]
     return run_torchrun(
         ns.nproc,
         args,
-        resume=ns.resume,
-        overwrite=ns.overwrite,
+        resume=resume,
+        overwrite=overwrite,
         max_restarts=ns.max_restarts,
         rendezvous=rendezvous,
     )
@@ -457,6 +461,7 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     p.set_defaults(func=_profile)
 
     add_report_parser(sub)
+    add_launch_parser(sub)
 
     p = sub.add_parser("data", help="data preparation")
     dsub = p.add_subparsers(dest="dataset", required=True)
@@ -501,14 +506,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """`train` options and overrides may come in any order (`CONFIG --nproc 2 key=value --resume`).
+    """`train` and `launch` options and overrides may come in any order
+    (`CONFIG --nproc 2 key=value --resume`).
 
-    argparse's intermixed parsing does not support sub-parsers, so `train` is parsed on its own.
+    argparse's intermixed parsing does not support sub-parsers, so those two are parsed on their own.
     """
     parser, train = build_parsers()
-    if argv and argv[0] == "train":
-        ns = train.parse_intermixed_args(argv[1:])
-        ns.command = "train"
+    intermixed = {"train": lambda: train, "launch": build_launch_parser}
+    if argv and argv[0] in intermixed:
+        ns = intermixed[argv[0]]().parse_intermixed_args(argv[1:])
+        ns.command = argv[0]
         return ns
     return parser.parse_args(argv)
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 from dist_mtl.cluster.options import LaunchOptions, add_launch_arguments, launch_options
 from dist_mtl.cluster.submit import log_folder, report, sbatch_script, submit
 from dist_mtl.config import RunConfig, load_config, split_config_and_overrides
-from dist_mtl.errors import ConfigError, UserError
+from dist_mtl.errors import ConfigError
 
 LAUNCH_DESCRIPTION = """\
 Submit a run to SLURM through submitit (or run it with submitit's local / debug executor), wait,
@@ -83,13 +81,3 @@ def launch(ns: argparse.Namespace) -> int:
     job = submit(opts, folder, config, overrides, resume=ns.resume, overwrite=ns.overwrite)
     print(f"submitted job {job.job_id} (logs in {folder})", flush=True)
     return 0 if ns.no_wait else report(job, cfg, opts)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`launch/submit.py`'s entry: the same as `dist-mtl launch`."""
-    ns = build_launch_parser().parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        return launch(ns)
-    except (UserError, FileNotFoundError) as exc:
-        print(f"dist-mtl: error: {exc}", file=sys.stderr)
-        return 2

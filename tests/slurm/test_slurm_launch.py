@@ -21,7 +21,7 @@ from tests.slurm.cluster import SlurmCluster
 
 pytestmark = pytest.mark.slurm
 ROOT = Path(__file__).parents[2]
-LAUNCH = [sys.executable, "launch/submit.py"]
+LAUNCH = [sys.executable, "-m", "dist_mtl.cli", "launch"]
 SMALL = [
     "data.train_size=512",
     "data.test_size=64",

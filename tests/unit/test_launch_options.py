@@ -9,8 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from dist_mtl.cluster.cli import main
+from dist_mtl.cli import main as dist_mtl_main
 from dist_mtl.cluster.options import parse_time_limit
+
+
+def main(args: list[str]) -> int:
+    return dist_mtl_main(["launch", *args])
+
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "launch_2x4_gpu.sbatch"
 CONFIG = str(Path(__file__).parents[2] / "configs" / "multidigits40_mamg.yaml")

@@ -105,9 +105,3 @@ def test_balancers_are_pure_math() -> None:
         if module.startswith("dist_mtl.balancers"):
             outside = {d for d in deps if not d.startswith("dist_mtl.balancers") and d != "dist_mtl.errors"}
             assert not outside, (module, outside)
-
-
-def test_launcher_does_not_import_the_cli_parser() -> None:
-    modules = set(_graph())
-    deps = _imports(ROOT / "launch" / "submit.py", modules)
-    assert "dist_mtl.cli" not in deps, deps
