@@ -14,6 +14,19 @@ import subprocess
 TERMINAL = frozenset(
     {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 )
+# Reasons for which a PENDING job waits for a change of its request or of the cluster's configuration,
+# never for other jobs to end (SLURM's "Job Reason Codes"); without EnforcePartLimits, sbatch accepts
+# such a job and it waits forever.
+NEVER_STARTS = {
+    "PartitionConfig": "the partition cannot give what it asks (more CPUs or GPUs per node than a node has?)",
+    "PartitionNodeLimit": "it asks for more nodes than the partition allows or has",
+    "PartitionTimeLimit": "its --time is over the partition's time limit",
+    "BadConstraints": "no node can satisfy its constraints",
+    "InvalidAccount": "its --account is not valid",
+    "InvalidQOS": "its --qos is not valid",
+    "AccountNotAllowed": "its --account may not use this partition",
+    "QOSNotAllowed": "its --qos may not use this partition",
+}
 GONE = "GONE"  # the controller no longer knows the job (finished more than MinJobAge ago)
 _STATE = re.compile(r"\bJobState=(\S+)")
 _REASON = re.compile(r"\bReason=(\S+)")

@@ -22,7 +22,7 @@ from submitit.slurm.slurm import _make_sbatch_string
 
 from dist_mtl.cluster.job import TrainJob
 from dist_mtl.cluster.options import LaunchOptions
-from dist_mtl.cluster.slurm_state import GONE, TERMINAL, job_state
+from dist_mtl.cluster.slurm_state import GONE, NEVER_STARTS, TERMINAL, job_state
 from dist_mtl.config import RunConfig
 from dist_mtl.errors import ConfigError, TrainingFailed
 
@@ -112,13 +112,25 @@ def wait_for_slurm_job(job: submitit.Job, poll_s: float = POLL_S) -> None:
     """Return once every task's result is written; raise TrainingFailed when the job ended without.
 
     Polls the result files and `scontrol` (not sacct: see `slurm_state`), so it needs no accounting
-    storage and never waits for a job that died. REQUEUED / PENDING after a stop is waiting, not an end.
+    storage and never waits for a job that died. REQUEUED / PENDING after a stop is waiting, not an end;
+    PENDING for a reason that no other job's end can clear (`NEVER_STARTS`) is a ConfigError, and the
+    job is cancelled.
     """
     ended_at: float | None = None
+    stuck = 0
     while True:
         if all(path.exists() for path in _result_files(job)):
             return
         state, reason = job_state(job.job_id)
+        stuck = stuck + 1 if state == "PENDING" and reason in NEVER_STARTS else 0
+        if stuck >= 2:  # seen on two polls: the scheduler's settled view, not a passing one
+            job.cancel(check=False)
+            raise ConfigError(
+                f"job {job.job_id} can never start: SLURM keeps it PENDING with Reason={reason}: "
+                f"{NEVER_STARTS[reason]}. Cancelled it; change the request (--nodes, --tasks-per-node, "
+                "--cpus-per-task, --gpus-per-node, --time, --partition, --account, --qos; see README, "
+                "'Troubleshooting SLURM')"
+            )
         if state in TERMINAL or state == GONE:
             ended_at = ended_at or time.monotonic()
             if time.monotonic() - ended_at > RESULT_GRACE_S:

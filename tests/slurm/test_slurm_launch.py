@@ -167,3 +167,33 @@ def test_a_failed_job_prints_the_failing_rank_s_error(slurm_cluster: SlurmCluste
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("dist_mtl.train: rank 0: error: ") and "step 2" in last, done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_submission_slurm_refuses_surfaces_slurm_s_message(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    args = [*launch_args(slurm_cluster, tmp_path / "run", *SMALL, "train.steps=4"), "--partition", "nosuch"]
+    done = subprocess.run(args, cwd=ROOT, env=slurm_cluster.env, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 2, done.stdout + done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("dist-mtl: error: SLURM refused the job: invalid partition specified: nosuch"), (
+        last
+    )
+    assert "Traceback" not in done.stderr and "submitted job" not in done.stdout
+
+
+@pytest.mark.timeout(120)
+def test_a_job_that_can_never_start_is_cancelled_and_named(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """2 tasks of 16 CPUs on a node of 8: SLURM (without EnforcePartLimits) accepts the job and keeps it
+    PENDING (Reason=PartitionConfig) forever; the launcher says so and cancels it instead of waiting."""
+    args = [*launch_args(slurm_cluster, tmp_path / "run", *SMALL, "train.steps=4"), "--cpus-per-task", "16"]
+    done = subprocess.run(args, cwd=ROOT, env=slurm_cluster.env, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 2, done.stdout + done.stderr
+    job = re.search(r"submitted job (\d+)", done.stdout).group(1)
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"dist-mtl: error: job {job} can never start: "), last
+    assert "Reason=PartitionConfig" in last and "--cpus-per-task" in last, last
+    assert slurm_cluster.wait(job, 30) == "CANCELLED"
