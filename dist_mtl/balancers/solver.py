@@ -37,6 +37,7 @@ __all__ = [
     "EPS",
     "MinNormInfo",
     "check_solver_options",
+    "check_warm_start",
     "min_norm",
     "relative_gap",
     "solve_min_norm",
@@ -58,7 +59,7 @@ class MinNormInfo:
 
 
 def min_norm(
-    M: ArrayLike, tol: float = DEFAULT_TOL, max_iter: int = DEFAULT_MAX_ITER
+    M: ArrayLike, tol: float = DEFAULT_TOL, max_iter: int = DEFAULT_MAX_ITER, warm: ArrayLike | None = None
 ) -> tuple[torch.Tensor, MinNormInfo]:
     """Simplex weights a minimising a^T M a, as a float64 (T,) tensor, and the solve's diagnostics.
 
@@ -67,9 +68,16 @@ def min_norm(
     gap is at rounding level (64 T eps). `max_iter` caps the affine solves (the unit of work).
     `degenerate` names the special cases: single_task, zero_gramian, identical_tasks (T = 2) and
     pareto_stationary (the minimum norm is zero to working precision).
+
+    `warm` (optional, T weights >= 0 with a positive sum, e.g. the previous step's answer on a nearby
+    M) starts the solver from that support and those weights instead of a single vertex. It changes
+    the work, not the answer: the same duality-gap test ends both solves.
     """
     check_solver_options(tol, max_iter)
-    weights, info = solve_min_norm(as_gramian(M), tol, max_iter)
+    gramian = as_gramian(M)
+    if warm is not None:
+        warm = check_warm_start(warm, gramian.shape[0])
+    weights, info = solve_min_norm(gramian, tol, max_iter, warm)
     return to_torch(weights), info
 
 
@@ -81,10 +89,23 @@ def check_solver_options(tol: float, max_iter: int, prefix: str = "") -> None:
         raise ValueError(f"{prefix}max_iter must be an integer >= 1; got {max_iter!r}")
 
 
+def check_warm_start(warm: ArrayLike, num_tasks: int, name: str = "warm") -> np.ndarray:
+    """`warm` as float64 (T,) weights; a wrong shape, a non-finite or negative entry, or a zero sum is
+    a ValueError naming it."""
+    if isinstance(warm, torch.Tensor):
+        warm = warm.detach().to(device="cpu", dtype=torch.float64).numpy()
+    arr = np.asarray(warm, dtype=np.float64)
+    if arr.shape != (num_tasks,):
+        raise ValueError(f"{name} must have shape ({num_tasks},), one weight per task; got {arr.shape}")
+    if not np.isfinite(arr).all() or arr.min() < 0.0 or not arr.sum() > 0.0:
+        raise ValueError(f"{name} must be finite weights >= 0 with a positive sum; got {arr.tolist()}")
+    return arr
+
+
 def solve_min_norm(
-    M: np.ndarray, tol: float = DEFAULT_TOL, max_iter: int = DEFAULT_MAX_ITER
+    M: np.ndarray, tol: float = DEFAULT_TOL, max_iter: int = DEFAULT_MAX_ITER, warm: np.ndarray | None = None
 ) -> tuple[np.ndarray, MinNormInfo]:
-    """NumPy core of `min_norm` for a symmetric float64 Gramian."""
+    """NumPy core of `min_norm` for a symmetric float64 Gramian; `warm` as checked by `check_warm_start`."""
     T = M.shape[0]
     if T == 1:
         return np.ones(1), MinNormInfo(0, 0.0, True, "single_task")
@@ -93,7 +114,11 @@ def solve_min_norm(
         return np.full(T, 1.0 / T), MinNormInfo(0, 0.0, True, "zero_gramian")
     if T == 2:
         return _two_tasks(M / scale)
-    return _wolfe(M, scale, np.zeros(T), tol, max_iter, ())
+    if warm is None:
+        return _wolfe(M, scale, np.zeros(T), tol, max_iter, ())
+    support = np.flatnonzero(warm > 0.0)
+    support = support[np.argsort(-warm[support], kind="stable")]  # heaviest first: they enter first
+    return _wolfe(M, scale, np.zeros(T), tol, max_iter, support, warm)
 
 
 def solve_simplex_qp(
@@ -136,7 +161,13 @@ def _two_tasks(M: np.ndarray) -> tuple[np.ndarray, MinNormInfo]:
 
 
 def _wolfe(
-    Q: np.ndarray, scale: float, q: np.ndarray, tol: float, max_iter: int, init: Sequence[int]
+    Q: np.ndarray,
+    scale: float,
+    q: np.ndarray,
+    tol: float,
+    max_iter: int,
+    init: Sequence[int],
+    init_weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, MinNormInfo]:
     """Wolfe's min-norm-point algorithm for Q / scale, which has unit largest diagonal (so c = 1 in A).
 
@@ -144,17 +175,32 @@ def _wolfe(
     Minor cycles move to the corral's affine minimiser, dropping points whose weight reaches 0; a major
     cycle checks the duality gap and brings in improving vertices. Every affine solve counts against
     `max_iter`. The large-T moves (`large_t.py`) keep the textbook's termination argument.
+
+    Warm start: the corral starts as the tasks `init` (in that order, skipping any that is affinely
+    dependent on those before it) with the weights `init_weights` on them (a length-T vector),
+    renormalised, or uniform weights without them. Without `init_weights` the corral first holds
+    the best vertex, as a cold start does. Any starting simplex point works: Wolfe's cycles only need
+    the corral affinely independent, and a seed that should not be in the support leaves it in the
+    first minor cycle like any other point.
     """
     T = Q.shape[0]
     tiny = T * EPS
     has_q = bool(q.any())
-    corral = Corral(Q, scale, q if has_q else None, int((0.5 * Q.diagonal() / scale + q).argmin()))
-    seeds = np.unique(np.asarray(init, dtype=np.intp))
-    seeds = seeds[seeds != corral.S[0]]
+    seeds = np.asarray(init, dtype=np.intp)
+    if init_weights is None or not len(seeds):
+        start = int((0.5 * Q.diagonal() / scale + q).argmin())
+        seeds = np.unique(seeds)
+    else:
+        start, seeds = int(seeds[0]), seeds[1:]
+    corral = Corral(Q, scale, q if has_q else None, start)
+    seeds = seeds[seeds != start]
     while len(seeds):  # warm start: admit the seeds, skipping any that is affinely dependent
         k = corral.extend(seeds)
         seeds = seeds[k + 1 :]
-    if len(corral.S) > 1:
+    if init_weights is not None and len(init):
+        lam = init_weights[corral.S]
+        corral.lam = lam / lam.sum()  # the first seed (start) is in the corral with a positive weight
+    elif len(corral.S) > 1:
         corral.lam = np.full(len(corral.S), 1.0 / len(corral.S))
     iterations, stalled, capped, f_prev = 0, False, False, np.inf
     while True:
