@@ -17,7 +17,7 @@ instead of rebuilding the support, and it ends on the same duality-gap test as a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,8 @@ from dist_mtl.balancers._arrays import ArrayLike
 from dist_mtl.balancers.base import Balancer, BalancerOutput, solver_info
 from dist_mtl.balancers.solver import DEFAULT_MAX_ITER, DEFAULT_TOL, check_solver_options, solve_min_norm
 
+# BalancerOutput.pending (the state `Balancer.adopt` moves to) where the base class has it.
+_OUTPUT_CARRIES_PENDING = "pending" in {f.name for f in fields(BalancerOutput)}
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 APPLY_MODES = ("adopted", "official")
 # A normaliser below this fraction of the largest is clamped to it: a zero gradient (l2) stays zero
@@ -61,8 +63,9 @@ class MGDA(Balancer):
     Warm start: each solve starts from the support and weights of the last adopted step's solution
     (in the normalised problem, over all T tasks), so that on slowly changing Gramians the solver
     mostly re-solves one corral instead of rebuilding it vertex batch by vertex batch. A call never
-    changes that state (it only remembers its own solution as a candidate); `advance()`, called once
-    per adopted step, makes the last call's solution the next start, and `state_dict` checkpoints it.
+    changes that state: it returns its solution as `pending` (and remembers it as a candidate), and
+    `adopt(out)` (or `advance()`, which takes the last call's) makes it the next start once the caller
+    adopts the step; a skipped step's solution is never taken. `state_dict` checkpoints the start.
     The answer does not depend on the start beyond the solver's tolerance: every solve ends on the
     same duality-gap test. MGDA-UB (representation gradients) is this class on another Gramian.
     """
@@ -96,9 +99,12 @@ class MGDA(Balancer):
         self._raw = M if isinstance(M, torch.Tensor) else np.asarray(M)
         self._candidate = None
         try:
-            return super().__call__(M, losses)
+            out = super().__call__(M, losses)
         finally:
             self._raw = None
+        if _OUTPUT_CARRIES_PENDING and self._candidate is not None:
+            out = replace(out, pending=self._candidate)  # what `adopt(out)` takes
+        return out
 
     def weights(self, M: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, dict[str, float]]:
         n, clamped = gradient_normalizers(M, losses, self.normalization)
@@ -145,6 +151,14 @@ class MGDA(Balancer):
             )
         warm = self._warm[tasks]
         return warm if warm.sum() > 0.0 else None
+
+    def adopt(self, out: BalancerOutput) -> None:
+        """The solution behind `out` (its `pending`, when the output carries one) becomes the next start."""
+        pending = getattr(out, "pending", None)
+        if pending is None:
+            self.advance()
+        else:
+            self._warm, self._candidate = pending, None
 
     def advance(self) -> None:
         """The last call's solution becomes the next call's start (a skipped step's call is discarded)."""

@@ -2,12 +2,13 @@
 slowly changing Gramians, a state that only `advance` moves and that round-trips through a checkpoint."""
 
 import io
+from dataclasses import fields
 
 import numpy as np
 import pytest
 import torch
 
-from dist_mtl.balancers import MGDA, min_norm
+from dist_mtl.balancers import MGDA, BalancerOutput, min_norm
 from dist_mtl.balancers.mgda import gradient_normalizers
 from dist_mtl.balancers.solver import DEFAULT_TOL, solve_min_norm
 
@@ -130,6 +131,19 @@ def test_a_call_never_moves_the_state_and_advance_adopts_the_last_call() -> None
     assert b.state_dict() == state
     again = [b(Ms[2]).coefficients for _ in range(3)]
     assert all(torch.equal(c, again[0]) for c in again) and b.state_dict() == state
+
+
+def test_adopt_takes_the_solution_of_the_adopted_output() -> None:
+    """With `BalancerOutput.pending` (Balancer.adopt), the adopted output's own solution is taken;
+    without it, adopt falls back to advance (the last call's)."""
+    Gs = drift(conflicting_gradients(10, 15), 2, 0.5, seed=5)
+    b = MGDA()
+    outs = [b(G.T @ G) for G in Gs]
+    b.adopt(outs[0])
+    carries = "pending" in {f.name for f in fields(BalancerOutput)}
+    c = outs[0 if carries else 1].coefficients.numpy()
+    assert b.state_dict()["support"] == np.flatnonzero(c > 0).tolist()
+    assert b.state_dict()["weights"] == c[c > 0].tolist()
 
 
 def test_state_round_trips_through_a_weights_only_checkpoint() -> None:
