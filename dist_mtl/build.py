@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from dist_mtl.balancers import Balancer, balancer_options, build_balancer
+from dist_mtl.balancers import Balancer, balancer_options, build_balancer, with_levers
 from dist_mtl.config import RunConfig
 from dist_mtl.data import BatchSource, MemorySource, MultiTaskDataset, build_dataset, dataset_options
 from dist_mtl.errors import ConfigError
@@ -60,9 +60,11 @@ def build_model_for(cfg: RunConfig, train: MultiTaskDataset | BatchSource) -> Mu
 
 
 def build_balancer_for(cfg: RunConfig) -> Balancer:
-    """The configured balancer, given every config field its constructor takes."""
+    """The configured balancer, given every config field its constructor takes, wrapped by the levers
+    balancer.task_sample and balancer.update_every when they are on (`dist_mtl.balancers.levers`)."""
     b = cfg.balancer
-    return build_balancer(b.name, **{k: getattr(b, k) for k in balancer_options(b.name) if hasattr(b, k)})
+    inner = build_balancer(b.name, **{k: getattr(b, k) for k in balancer_options(b.name) if hasattr(b, k)})
+    return with_levers(inner, update_every=b.update_every, task_sample=b.task_sample, seed=b.seed)
 
 
 def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:

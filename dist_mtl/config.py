@@ -18,11 +18,14 @@ from typing import Any
 
 import yaml
 
-from dist_mtl.balancers import BALANCER_NAMES, balancer_options
+from dist_mtl.balancers import BALANCER_NAMES, balancer_needs_gramian, balancer_options
+from dist_mtl.balancers.dwa import DEFAULT_TEMPERATURE
+from dist_mtl.balancers.famo import DEFAULT_FAMO_GAMMA, DEFAULT_FAMO_LR
 from dist_mtl.balancers.getmtl import DEFAULT_EPS, DEFAULT_MAX_SCALE
 from dist_mtl.balancers.mgda import APPLY_MODES, NORMALIZATIONS
 from dist_mtl.balancers.solver import DEFAULT_MAX_ITER, DEFAULT_TOL
-from dist_mtl.data import DATASET_NAMES, dataset_options
+from dist_mtl.balancers.uw import DEFAULT_UW_LR
+from dist_mtl.data import DATASET_NAMES, dataset_num_tasks, dataset_options
 from dist_mtl.data.synthetic import build_synthetic
 from dist_mtl.errors import ConfigError
 from dist_mtl.models import ENCODER_NAMES, NORM_NAMES, NORMED_ENCODERS
@@ -76,14 +79,29 @@ class ModelConfig:
 
 @dataclass
 class BalancerConfig:
-    name: str = "mgda"  # uniform | mgda | getmtl | mamg
+    # uniform | mgda | getmtl | mamg (Gramian balancers) | famo | uw | dwa | rlw (loss balancers: no
+    # Gramian, one backward of sum_t c_t L_t per step)
+    name: str = "mgda"
     normalization: str = "none"  # mgda / getmtl: gradient normalisation none | l2 | loss | loss+
     apply: str = "adopted"  # mgda: "adopted" (c = a / n) or "official" (c = a, as the official code)
     eps: float = DEFAULT_EPS  # getmtl: trade-off radius in (0, 1]
     max_scale: float = DEFAULT_MAX_SCALE  # getmtl: cap (> 1) on the factor 1 / (1 - eps ||g0||)
-    seed: int = 0  # mamg: seed of the per-step random task order
+    # mamg: seed of the per-step random task order; rlw: of the random weights; task_sample: of the
+    # random subsets
+    seed: int = 0
     tol: float = DEFAULT_TOL  # min-norm solver: relative duality-gap tolerance
     max_iter: int = DEFAULT_MAX_ITER  # min-norm solver: iteration cap (affine solves)
+    famo_lr: float = DEFAULT_FAMO_LR  # famo: step size (> 0) of the task logits' update
+    famo_gamma: float = DEFAULT_FAMO_GAMMA  # famo: decay (>= 0) of the task logits
+    uw_lr: float = DEFAULT_UW_LR  # uw: Adam learning rate (> 0) of the log-variances s_t
+    temperature: float = DEFAULT_TEMPERATURE  # dwa: softmax temperature (> 0)
+    # Any balancer: solve every N steps (>= 1); the steps between reuse the last coefficients and take
+    # one backward of sum_t c_t L_t with no Gramian exchange and no solve
+    update_every: int = 1
+    # Gramian balancers: balance a seeded random subset of S tasks each step (S x S sub-Gramian), the
+    # other tasks weighted by the sampled ones' mean coefficient; 0 = off, else 1 <= S <= T. Saves
+    # solve time at large T, not backward passes
+    task_sample: int = 0
 
 
 @dataclass
@@ -282,6 +300,19 @@ def _check_ranges(cfg: RunConfig) -> None:
         raise ConfigError(f"balancer.eps must be in (0, 1]; got {cfg.balancer.eps!r}")
     if not cfg.balancer.max_scale > 1.0:
         raise ConfigError(f"balancer.max_scale must be > 1; got {cfg.balancer.max_scale!r}")
+    for path in ("balancer.famo_lr", "balancer.uw_lr", "balancer.temperature"):
+        if not _get(cfg, path) > 0:
+            raise ConfigError(f"{path} must be > 0; got {_get(cfg, path)!r}")
+    if cfg.balancer.famo_gamma < 0:
+        raise ConfigError(f"balancer.famo_gamma must be >= 0; got {cfg.balancer.famo_gamma!r}")
+    if cfg.balancer.update_every < 1:
+        raise ConfigError(
+            f"balancer.update_every must be >= 1 (1 = solve every step); got {cfg.balancer.update_every!r}"
+        )
+    if cfg.balancer.task_sample < 0:
+        raise ConfigError(
+            f"balancer.task_sample must be 0 (off) or in [1, T]; got {cfg.balancer.task_sample!r}"
+        )
     if not 0.0 <= cfg.train.max_skipped_fraction <= 1.0:
         raise ConfigError(
             f"train.max_skipped_fraction must be in [0, 1]; got {cfg.train.max_skipped_fraction!r}"
@@ -316,6 +347,27 @@ def _check_relations(cfg: RunConfig) -> None:
     if not cfg.run_dir:
         raise ConfigError("run_dir must not be empty")
     check_batch_fits(cfg, known_train_size(cfg))
+    _check_task_sample(cfg)
+
+
+def _check_task_sample(cfg: RunConfig) -> None:
+    """task_sample wraps a Gramian balancer and needs 1 <= S <= T; T comes from the data config (a
+    shard directory's manifest is read, nothing is built), so the error comes before any process."""
+    b = cfg.balancer
+    if not b.task_sample:
+        return
+    if not balancer_needs_gramian(b.name):
+        raise ConfigError(
+            f"balancer.task_sample applies to Gramian balancers; {b.name!r} weighs the losses alone (one "
+            "backward pass a step already): set balancer.task_sample=0"
+        )
+    d = cfg.data
+    t = dataset_num_tasks(d.name, tasks=d.tasks, num_tasks=d.num_tasks, path=d.path)
+    if b.task_sample > t:
+        raise ConfigError(
+            f"balancer.task_sample S={b.task_sample} exceeds the number of tasks T={t} of data.name "
+            f"{d.name!r}; use 0 (off) or 1 <= S <= {t}"
+        )
 
 
 def known_train_size(cfg: RunConfig) -> int | None:
@@ -338,11 +390,12 @@ def resolve_protocol(cfg: RunConfig) -> None:
         cfg.engine.protocol = "rep" if cfg.train.mode == "rep" else "gramian"
 
 
-# Fields every component of a section reads, so never "unused".
+# Fields every component of a section reads, so never "unused" (balancer: the levers, which wrap any
+# balancer; task_sample's own limits are checked in _check_task_sample).
 _ALWAYS_USED: dict[str, tuple[str, ...]] = {
     "data": ("name", "batch_size"),
     "model": ("encoder",),
-    "balancer": ("name",),
+    "balancer": ("name", "update_every", "task_sample"),
     "optim": ("name",),
 }
 
@@ -366,6 +419,8 @@ def _user_of(cfg: RunConfig, section: str) -> tuple[str, str, tuple[str, ...]]:
     component = _get(cfg, f"{section}.{_ALWAYS_USED[section][0]}")
     fields = _section_fields(section)
     read = tuple(f for f in takes(component) if f in fields and f not in _ALWAYS_USED[section])
+    if section == "balancer" and cfg.balancer.task_sample and "seed" not in read:
+        read += ("seed",)  # the task_sample lever draws its subsets from balancer.seed
     return kind, component, read
 
 

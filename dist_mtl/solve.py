@@ -67,19 +67,68 @@ def step_events(info: dict[str, float]) -> dict[str, int]:
     return events
 
 
-def solve_on_host(balancer: Balancer, gramian: torch.Tensor, losses: torch.Tensor) -> Solution:
-    """Move (M, losses) to the CPU in one copy, check them, run the balancer and advance its state."""
+def solve_on_host(balancer: Balancer, gramian: torch.Tensor | None, losses: torch.Tensor) -> Solution:
+    """Move (M, losses) to the CPU in one copy, check them, run the balancer and adopt its new state.
+
+    `gramian` is None for a balancer that does not read it (`Balancer.needs_gramian` False): then the
+    copy is the T losses alone.
+    """
     t = losses.numel()
-    packed = torch.cat([gramian.detach().reshape(-1), losses.detach().reshape(-1).to(gramian.dtype)])
-    host = packed.to("cpu", torch.float64)
-    m_host, l_host = host[: t * t].view(t, t), host[t * t :]
+    flat_losses = losses.detach().reshape(-1)
+    if gramian is None:
+        host = flat_losses.to("cpu", torch.float64)
+        m_host, l_host = None, host
+    else:
+        packed = torch.cat([gramian.detach().reshape(-1), flat_losses.to(gramian.dtype)])
+        host = packed.to("cpu", torch.float64)
+        m_host, l_host = host[: t * t].view(t, t), host[t * t :]
     if not bool(torch.isfinite(host).all()):
         return Solution(torch.zeros(t, dtype=torch.float64), l_host, True, {"solver/skipped": 1.0})
     start = time.perf_counter()
     out = balancer(m_host, l_host)
     seconds = time.perf_counter() - start
-    balancer.advance()  # only adopted steps move the balancer's state (MAMG's orders); skipped ones do not
+    # Only adopted steps move the balancer's state (MAMG's orders, FAMO's logits); skipped ones do not.
+    balancer.adopt(out)
     coefficients = out.coefficients.to(torch.float64)
     info = {f"solver/{k.removeprefix('solver_')}": float(v) for k, v in out.info.items()}
     info["solver/seconds"] = seconds
     return Solution(coefficients, l_host, False, info, m_host, step_events(out.info))
+
+
+# What a step does (`step_plan`), the same on every rank:
+GRAMIAN = "gramian"  # T backward passes, the Gramian exchanged and solved (the balancer reads M)
+LOSSES = "losses"  # the T losses to the coordinator, solve, then ONE backward of sum_t c_t L_t
+REUSE = "reuse"  # update_every between updates: the kept c, ONE backward, no exchange before it
+
+
+def step_plan(balancer: Balancer) -> tuple[str, torch.Tensor | None]:
+    """(kind, the coefficients to reuse or None). Every rank gets the same answer: `reuse` depends only
+    on what `Balancer.follow` recorded, and `needs_gramian` only on the balancer's kind."""
+    kept = balancer.reuse()
+    if kept is not None:
+        return REUSE, torch.from_numpy(np.array(kept, dtype=np.float64, copy=True))
+    return (GRAMIAN if balancer.needs_gramian else LOSSES), None
+
+
+def single_backward_solution(
+    kind: str, coefficients: torch.Tensor, checked: torch.Tensor, solved: Solution | None
+) -> Solution:
+    """The Solution of a one-backward step, from the host copy `checked` = [T losses | 1 if the reduced
+    gradient is finite else 0] that every rank holds after the gradient all-reduce (identical on every
+    rank, so every rank skips the same steps). `solved`: the coordinator's result on a LOSSES step."""
+    losses, finite = checked[:-1], bool(checked[-1] > 0) and bool(torch.isfinite(checked).all())
+    marks = {"step/gramian": 0.0, "step/encoder_backwards": 1.0}
+    if not finite:
+        info = {"solver/skipped": 1.0, **marks}
+        return Solution(torch.zeros_like(coefficients), losses, True, info)
+    if kind == REUSE or solved is None:
+        return Solution(coefficients.to(torch.float64), losses, False, {"solver/reused": 1.0, **marks})
+    solved.info.update(marks)
+    return solved
+
+
+def mark_gramian_step(solution: Solution, backwards: int) -> Solution:
+    """Record on a T-backward step's solution that the Gramian was formed and how many encoder
+    backward passes this rank ran."""
+    solution.info.update({"step/gramian": 1.0, "step/encoder_backwards": float(backwards)})
+    return solution

@@ -6,12 +6,26 @@ from dataclasses import fields
 from typing import Any
 
 from dist_mtl.balancers.base import Balancer
+from dist_mtl.balancers.dwa import DWA
+from dist_mtl.balancers.famo import FAMO
 from dist_mtl.balancers.getmtl import GetMTL
 from dist_mtl.balancers.mamg import MAMG
 from dist_mtl.balancers.mgda import MGDA
+from dist_mtl.balancers.rlw import RLW
 from dist_mtl.balancers.uniform import Uniform
+from dist_mtl.balancers.uw import UW
 
-_REGISTRY: dict[str, type[Balancer]] = {"uniform": Uniform, "mgda": MGDA, "getmtl": GetMTL, "mamg": MAMG}
+_REGISTRY: dict[str, type[Balancer]] = {
+    "uniform": Uniform,
+    "mgda": MGDA,
+    "getmtl": GetMTL,
+    "mamg": MAMG,
+    # Loss-based balancers (no Gramian: one backward of sum_t c_t L_t per step).
+    "famo": FAMO,
+    "uw": UW,
+    "dwa": DWA,
+    "rlw": RLW,
+}
 BALANCER_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
@@ -31,6 +45,11 @@ def build_balancer(name: str, **options: Any) -> Balancer:
             f"valid options: {', '.join(valid) or '(none)'}"
         )
     return cls(**options)
+
+
+def balancer_needs_gramian(name: str) -> bool:
+    """Whether balancer `name` reads the Gramian (False: a function of the losses and its own state)."""
+    return _balancer_class(name)().needs_gramian
 
 
 def _balancer_class(name: str) -> type[Balancer]:

@@ -29,10 +29,12 @@ class Coordinator:
     def solve(
         self, gramian: torch.Tensor | None, losses: torch.Tensor | None, rec: StepRecorder
     ) -> tuple[Solution, torch.Tensor]:
-        """(host Solution, device coefficients); `gramian` and `losses` are read on rank 0 only."""
+        """(host Solution, device coefficients); `gramian` and `losses` are read on rank 0 only.
+
+        `gramian` is None for a balancer that does not read it (a loss balancer's LOSSES step)."""
         t = self.num_tasks
         if self.is_coordinator:
-            if gramian is None or losses is None:
+            if losses is None or (gramian is None and self.balancer.needs_gramian):
                 raise ValueError("the coordinator (global rank 0) needs the Gramian and the losses to solve")
             with rec.phase("solve"):
                 solution = solve_on_host(self.balancer, gramian, losses)

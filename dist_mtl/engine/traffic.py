@@ -67,6 +67,10 @@ class StepShape:
     compression: str = "none"
     topk_ratio: float = 0.01
     sketch_size: int = 4096
+    # What the step does (`dist_mtl.solve.step_plan`): "gramian" (the protocol's exchange), "losses"
+    # (a loss balancer: T losses to the coordinator, one backward) or "reuse" (update_every between
+    # updates: one backward, no exchange before it)
+    kind: str = "gramian"
 
     @property
     def tasks(self) -> int:
@@ -84,7 +88,9 @@ def total(*moves: tuple[int, int]) -> tuple[int, int]:
 
 def step_bytes(protocol: str, s: StepShape, rank: int) -> tuple[int, int]:
     """Analytic (sent, received) bytes of one training step on `rank` (rank = r * K + k): the byte
-    model of the protocol class registered under that name."""
+    model of the protocol class registered under that name (its one-backward model for `s.kind`
+    "losses" or "reuse")."""
     from dist_mtl.engine.protocols import protocol_class  # the protocols import this module
 
-    return protocol_class(protocol).bytes_per_step(s, rank)
+    cls = protocol_class(protocol)
+    return cls.bytes_per_step(s, rank) if s.kind == "gramian" else cls.single_backward_bytes(s, rank)

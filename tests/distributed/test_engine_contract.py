@@ -8,12 +8,18 @@ ranks equals the single-process rep mode. Replicated parameters are compared acr
 checksum after every step of every case, and the bytes the collective wrapper accounted on every
 rank equal the analytic count of `traffic.step_bytes`.
 
+The one-backward path (issue 10): loss balancers (famo, uw, dwa, rlw) on 1x2 and 2x1 with gather and
+gramian and on 2-rank rep, balancer.update_every=3 (also resumed mid-period) and balancer.task_sample
+equal the single-process trainer in the same way, and their accounted bytes equal the one-backward
+byte model step by step (no Gramian, no task gradient moves; every rank logs one encoder backward).
+
 One launch per world size (W = 2, 3, 4) runs all of its cases in sequence; the references are
 computed once in this process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +62,89 @@ MISSING_CASES = {
 }
 
 
+# The one-backward path and the levers, on 2 ranks: a few cases, not the cross product.
+SINGLE_BACKWARD_CASES = {
+    "lb-1x2-famo-gramian": [
+        "engine.replicas=1",
+        "engine.task_parallel=2",
+        "balancer.name=famo",
+        "balancer.famo_lr=5",
+        "engine.protocol=gramian",
+    ],
+    "lb-2x1-uw-gather": [
+        "engine.replicas=2",
+        "engine.task_parallel=1",
+        "balancer.name=uw",
+        "balancer.uw_lr=0.1",
+        "engine.protocol=gather",
+    ],
+    "lb-1x2-dwa-gather": [
+        "engine.replicas=1",
+        "engine.task_parallel=2",
+        "balancer.name=dwa",
+        "engine.protocol=gather",
+    ],
+    "lb-2x1-rlw-gramian": [
+        "engine.replicas=2",
+        "engine.task_parallel=1",
+        "balancer.name=rlw",
+        "engine.protocol=gramian",
+    ],
+    "lb-rep2-famo": [*REP, "balancer.name=famo", "balancer.famo_lr=5"],
+    "every3-1x2-mgda-gramian": [
+        "engine.replicas=1",
+        "engine.task_parallel=2",
+        "balancer.name=mgda",
+        "balancer.update_every=3",
+        "engine.protocol=gramian",
+    ],
+    "every3-2x1-famo-gather": [
+        "engine.replicas=2",
+        "engine.task_parallel=1",
+        "balancer.name=famo",
+        "balancer.update_every=3",
+        "engine.protocol=gather",
+    ],
+    "every3-rep2-mamg": [*REP, "balancer.name=mamg", "balancer.update_every=3"],
+    "sample3-2x1-mgda-gather": [
+        "engine.replicas=2",
+        "engine.task_parallel=1",
+        "balancer.name=mgda",
+        "balancer.task_sample=3",
+        "engine.protocol=gather",
+    ],
+    "sample2-1x2-mamg-gramian": [
+        "engine.replicas=1",
+        "engine.task_parallel=2",
+        "balancer.name=mamg",
+        "balancer.task_sample=2",
+        "balancer.seed=3",
+        "engine.protocol=gramian",
+    ],
+}
+# update_every=3 resumed from the checkpoint of step 2, between two updates (solved at step 1, step 2
+# reused the kept coefficients, step 3 reuses them after the resume, step 4 solves).
+EVERY_RESUME = [
+    "engine.replicas=1",
+    "engine.task_parallel=2",
+    "balancer.name=getmtl",
+    "balancer.update_every=3",
+    "engine.protocol=gramian",
+    "train.checkpoint_every=1",
+]
+
+
+def step_kind(overrides: list[str], step: int) -> str:
+    """What 1-based step `step` of a run did (`dist_mtl.solve.step_plan`), from the config alone: no
+    step of these runs is skipped, so updates fall on steps 1, N + 1, 2N + 1, ..."""
+    from dist_mtl.balancers import balancer_needs_gramian
+
+    cfg = load_config(None, [*BASE, *overrides])
+    if (step - 1) % cfg.balancer.update_every:
+        return "reuse"
+    return "gramian" if balancer_needs_gramian(cfg.balancer.name) else "losses"
+
+
 def layout_overrides(d: int, k: int) -> list[str]:
     return [f"engine.replicas={d}", f"engine.task_parallel={k}"]
 
@@ -74,6 +163,8 @@ def world_cases(world_size: int) -> dict[str, dict]:
         cases |= {name: {"overrides": o} for name, o in exact_cases(d, k).items()}
     cases |= {f"rep{world_size}-{b}": {"overrides": [*REP, f"balancer.name={b}"]} for b in BALANCERS}
     if world_size == 2:
+        cases |= {name: {"overrides": o} for name, o in SINGLE_BACKWARD_CASES.items()}
+        cases["every3-resume"] = {"overrides": EVERY_RESUME, "resume_at": 2}
         for p in LOSSLESS:
             cases[f"split-{p}"] = {
                 "overrides": [*layout_overrides(1, 2), *SPLIT, "balancer.name=mgda", f"engine.protocol={p}"]
@@ -148,10 +239,17 @@ def accounted_bytes_errors(run_dir: Path, overrides: list[str], world_size: int)
     )
     errors = []
     for rank in range(world_size):
-        expected = step_bytes(cfg.engine.protocol, shape, rank)
         for record in read_jsonl(run_dir / "metrics" / f"rank{rank}.jsonl"):
             if "bytes_sent/total" not in record:
                 continue
+            kind = step_kind(overrides, record["step"])
+            expected = step_bytes(cfg.engine.protocol, dataclasses.replace(shape, kind=kind), rank)
+            backwards = 1.0 if kind != "gramian" or cfg.engine.protocol == "rep" else float(split[rank % k])
+            if record.get("step/encoder_backwards") != backwards:
+                errors.append(
+                    f"rank {rank} step {record['step']} ({kind}): {record.get('step/encoder_backwards')} "
+                    f"encoder backward passes, expected {backwards}"
+                )
             check = (
                 all_gather_bytes(16, world_size)
                 if record["step"] % cfg.engine.checksum_every == 0
@@ -201,6 +299,29 @@ def test_configured_uneven_split_equals_reference(distributed_runs, reference) -
         for p in LOSSLESS
     }
     check_cases(distributed_runs(2), cases, reference, 2)
+
+
+@pytest.mark.timeout(300)
+def test_single_backward_path_and_levers_equal_single_process(distributed_runs, reference) -> None:
+    """Loss balancers, update_every and task_sample on 1x2, 2x1 (gather, gramian) and 2-rank rep: the
+    checkpoint (parameters, heads' optimizer state, balancer state with the levers' state) equals one
+    process; the accounted bytes equal the one-backward model on every step that did not solve a
+    Gramian (so none moved) and every rank ran one encoder backward on those steps."""
+    check_cases(distributed_runs(2), SINGLE_BACKWARD_CASES, reference, 2)
+    kept = load(distributed_runs(2) / "every3-1x2-mgda-gramian" / "checkpoints" / "last.pt")["balancer"]
+    assert kept["age"] == 1 and len(kept["coefficients"]) == 5  # step 4 solved: a fresh period
+
+
+@pytest.mark.timeout(300)
+def test_update_every_resumed_mid_period_equals_uninterrupted(distributed_runs, reference) -> None:
+    out = distributed_runs(2) / "every3-resume"
+    ckpt = load(out / "checkpoints" / "last.pt")
+    middle = load(out / "checkpoints" / "step_00000002.pt")
+    assert middle["balancer"]["age"] == 2  # checkpointed between two updates
+    state = ("model", "optimizer", "balancer", "step")
+    expected = reference([o for o in EVERY_RESUME if not o.startswith("train.checkpoint_every")])
+    diffs = compare({k: ckpt[k] for k in state}, {k: expected[k] for k in state})
+    assert not diffs, diffs
 
 
 @pytest.mark.timeout(300)

@@ -52,7 +52,12 @@ def test_uniform_is_one_over_t() -> None:
 
 
 def test_names_and_options() -> None:
-    assert BALANCER_NAMES == ("uniform", "mgda", "getmtl", "mamg")
+    assert BALANCER_NAMES[:4] == ("uniform", "mgda", "getmtl", "mamg")
+    assert {"famo", "uw", "dwa", "rlw"} <= set(BALANCER_NAMES)
+    assert balancer_options("famo") == ("famo_lr", "famo_gamma")
+    assert balancer_options("uw") == ("uw_lr",)
+    assert balancer_options("dwa") == ("temperature",)
+    assert balancer_options("rlw") == ("seed",)
     assert balancer_options("mgda") == ("normalization", "apply", "tol", "max_iter")
     assert balancer_options("getmtl") == ("eps", "tol", "max_iter", "max_scale")
     assert balancer_options("mamg") == ("seed",)
@@ -62,7 +67,7 @@ def test_names_and_options() -> None:
 @pytest.mark.parametrize(
     ("name", "options", "message"),
     [
-        ("foo", {}, "balancer.name must be one of uniform, mgda, getmtl, mamg; got 'foo'"),
+        ("foo", {}, "balancer.name must be one of uniform, mgda, getmtl, mamg, "),
         (
             "mgda",
             {"normalization": "foo"},
@@ -75,6 +80,11 @@ def test_names_and_options() -> None:
         ("getmtl", {"max_scale": 1.0}, "balancer.max_scale must be a finite number > 1; got 1.0"),
         ("getmtl", {"max_iter": 1.5}, "balancer.max_iter must be an integer >= 1; got 1.5"),
         ("mamg", {"seed": "a"}, "balancer.seed must be an integer >= 0; got 'a'"),
+        ("famo", {"famo_lr": 0.0}, "balancer.famo_lr must be a finite number in (0, inf); got 0.0"),
+        ("famo", {"famo_gamma": -1.0}, "balancer.famo_gamma must be a finite number in [0, inf); got -1.0"),
+        ("uw", {"uw_lr": float("nan")}, "balancer.uw_lr must be a finite number in (0, inf); got nan"),
+        ("dwa", {"temperature": -2}, "balancer.temperature must be a finite number in (0, inf); got -2"),
+        ("rlw", {"seed": -1}, "balancer.seed must be an integer >= 0; got -1"),
     ],
 )
 def test_bad_options_raise_errors_that_say_what_is_valid(name: str, options: dict, message: str) -> None:
@@ -85,7 +95,7 @@ def test_bad_options_raise_errors_that_say_what_is_valid(name: str, options: dic
 
 def test_stateless_balancers_reject_foreign_state() -> None:
     with pytest.raises(ValueError, match="stateless"):
-        build_balancer("mgda").load_state_dict({"step": 3})
+        build_balancer("uniform").load_state_dict({"step": 3})
 
 
 def test_non_finite_gramian_is_rejected() -> None:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from dist_mtl.balancers import BALANCER_NAMES, build_balancer
+from dist_mtl.balancers.rlw import rlw_draw
 from dist_mtl.gradients import labelled_counts, task_loss_list, task_losses
 from dist_mtl.models import build_model
 from dist_mtl.observe import StepRecorder
@@ -66,11 +67,32 @@ def test_every_balancer_leaves_a_zero_gradient_task_out(name: str) -> None:
     assert out.info["degenerate_zero_gradient_tasks"] == 1.0
     keep = [0, 1, 3, 4]
     alone = build_balancer(name)(torch.tensor(M[np.ix_(keep, keep)]), torch.tensor(losses[keep]))
-    np.testing.assert_allclose(c[keep], alone.coefficients.numpy(), rtol=1e-12, atol=1e-15)
+    if name == "rlw":  # a draw per task index: the kept tasks' entries of the same draw, softmax'd
+        x = rlw_draw(5, 0, 0)[keep]
+        expected = np.exp(x) / np.exp(x).sum()
+    else:
+        expected = alone.coefficients.numpy()
+    np.testing.assert_allclose(c[keep], expected, rtol=1e-12, atol=1e-15)
     # MGDA's direction decreases every task that has a gradient (the zero vector is not in the
     # hull of the others), which keeping the zero row would have made the zero direction.
     if name == "mgda":
         assert (M @ c)[keep].min() > 0
+
+
+@pytest.mark.parametrize("name", ["famo", "uw", "dwa", "rlw"])
+def test_loss_balancers_judge_missing_labels_from_the_losses_alone(name: str) -> None:
+    """No Gramian (M = None): a zero loss is the unlabelled task; after a few adopted steps (state that
+    has moved) it still gets 0 and the others stay finite and positive."""
+    balancer = build_balancer(name)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        losses = rng.uniform(0.2, 2.0, 5)
+        losses[2] = 0.0
+        out = balancer(None, torch.tensor(losses))
+        c = out.coefficients.numpy()
+        assert c[2] == 0.0 and (np.delete(c, 2) > 0).all() and np.isfinite(c).all()
+        assert out.info["degenerate_zero_gradient_tasks"] == 1.0
+        balancer.adopt(out)
 
 
 @pytest.mark.parametrize("name", BALANCER_NAMES)

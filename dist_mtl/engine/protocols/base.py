@@ -20,10 +20,11 @@ from dist_mtl.config import RunConfig
 from dist_mtl.engine.checksum import ReplicaChecksum
 from dist_mtl.engine.comm import Comm, Group
 from dist_mtl.engine.coordinator import Coordinator
-from dist_mtl.engine.traffic import F64, StepShape, broadcast_bytes
+from dist_mtl.engine.traffic import F32, F64, StepShape, broadcast_bytes, reduce_bytes, total
 from dist_mtl.models import MultiTaskModel
 from dist_mtl.observe import StepRecorder
 from dist_mtl.reference import StepResult
+from dist_mtl.solve import LOSSES
 
 if TYPE_CHECKING:  # layout imports the registry (PROTOCOL_MODE), so only for annotations here
     from dist_mtl.engine.layout import Layout
@@ -64,9 +65,24 @@ class Protocol(ABC):
     def bytes_per_step(cls, shape: StepShape, rank: int) -> tuple[int, int]:
         """Analytic (sent, received) bytes of one step on global `rank` (= r * K + k)."""
 
+    @classmethod
+    @abstractmethod
+    def single_backward_bytes(cls, shape: StepShape, rank: int) -> tuple[int, int]:
+        """Analytic (sent, received) bytes of a one-backward step (`shape.kind` LOSSES or REUSE: a loss
+        balancer, or a step between updates of balancer.update_every): no Gramian moves."""
+
     @abstractmethod
     def __call__(self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder) -> StepResult:
         """One training step on this rank's part (x, y) of the global batch (`Engine.data_part`)."""
+
+
+def loss_solve_bytes(shape: StepShape, rank: int) -> tuple[int, int]:
+    """A LOSSES step's exchange before its backward: the reduce of the T float32 losses over the world
+    onto the coordinator, and the coordinator's broadcast of (c, losses, skip flag); nothing on REUSE."""
+    if shape.kind != LOSSES:
+        return 0, 0
+    world = shape.replicas * shape.k
+    return total(reduce_bytes(F32 * shape.tasks, world, rank == 0), solution_bytes(shape, rank))
 
 
 def solution_bytes(shape: StepShape, rank: int) -> tuple[int, int]:

@@ -11,6 +11,17 @@ run the protocol's exchange, and step the optimizer. Heads of other ranks' tasks
 A subclass decides where the owned task gradients live (`make_block`: its buffer layout inside the
 rank's one flat buffer, optionally followed by a receive area, `tail_numel`) and how they become d
 (`exchange`); this class does the rest.
+
+The single-backward path (`solve.step_plan` LOSSES or REUSE: a loss balancer, or a step between two
+updates of balancer.update_every) is the same for every exact protocol and layout: one forward, then
+(LOSSES only) the owned losses reduced over the world onto the coordinator, which solves from them and
+broadcasts c; ONE backward of sum over the owned tasks of c_t L_t through the owned heads and the
+encoder (heads get their own unweighted gradients); the owned heads' gradients all-reduced over the
+replica group (D > 1); one all-reduce over the world of [T losses | shared gradient] (summing over the
+task group adds the task blocks, summing over replicas adds the batch parts, each already divided by
+the global batch's labelled counts: the full-batch d = sum_t c_t g_t, in one bucket); and one host
+copy of [losses | finite flag], identical on every rank, which skips a non-finite step everywhere.
+No Gramian and no task gradient moves.
 """
 
 from __future__ import annotations
@@ -20,12 +31,19 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_mtl.engine.protocols.base import Protocol, StepContext
+from dist_mtl.engine.protocols.base import Protocol, StepContext, loss_solve_bytes
 from dist_mtl.engine.traffic import F32, StepShape, all_reduce_bytes, total
 from dist_mtl.gradients import FlatGradBuffer, labelled_counts, task_loss_list
 from dist_mtl.observe import StepRecorder
-from dist_mtl.reference import StepResult
-from dist_mtl.solve import Solution
+from dist_mtl.reference import StepResult, finite_check, representation_forward, weighted_backward
+from dist_mtl.solve import (
+    GRAMIAN,
+    LOSSES,
+    Solution,
+    mark_gramian_step,
+    single_backward_solution,
+    step_plan,
+)
 
 
 @dataclass
@@ -64,8 +82,12 @@ class TaskParallelProtocol(Protocol):
         # of the prefix that holds real data.
         flat = torch.zeros(heads + self.block_numel() + self.tail_numel(), device=self.device)
         self.head_grad = FlatGradBuffer(self.owned_heads, out=flat[:heads])
-        direction = torch.zeros(self.direction_numel(), device=self.device)
+        # [T losses | shared gradient buffer]: the single-backward path all-reduces the first T + P
+        # elements in one collective; the protocols see only `direction`.
+        self.reduced = torch.zeros(self.num_tasks + self.direction_numel(), device=self.device)
+        direction = self.reduced[self.num_tasks :]
         self.shared_grad = FlatGradBuffer(self.shared, out=direction)
+        self.loss_buffer = torch.zeros(self.num_tasks, device=self.device)  # LOSSES: reduced to rank 0
         self.block = self.make_block(flat[heads:], direction)
         self.replica_part = flat[: heads + self.block.filled]
 
@@ -103,24 +125,94 @@ class TaskParallelProtocol(Protocol):
             all_reduce_bytes(F32 * (head + filled), shape.replicas),
         )
 
+    @classmethod
+    def single_backward_bytes(cls, shape: StepShape, rank: int) -> tuple[int, int]:
+        """D > 1: the replica all-reduces of the owned labelled counts and of the owned heads' gradients;
+        LOSSES: the loss reduce and the coordinator's broadcast; always: the world all-reduce of
+        [T losses | P]."""
+        world, k = shape.replicas * shape.k, rank % shape.k
+        head = shape.head_params[k] if shape.head_params else 0
+        replica = (
+            total(
+                all_reduce_bytes(F32 * shape.split[k], shape.replicas),
+                all_reduce_bytes(F32 * head, shape.replicas),
+            )
+            if shape.replicas > 1
+            else (0, 0)
+        )
+        return total(
+            replica,
+            loss_solve_bytes(shape, rank),
+            all_reduce_bytes(F32 * (shape.tasks + shape.params), world),
+        )
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder) -> StepResult:
         """One step on this replica's part (x, y) of the global batch."""
+        balancer = self.coordinator.balancer
+        kind, kept = step_plan(balancer)
         with self.comm.stepping(rec, self.fault) as step:
             y = y[:, self.owned.start : self.owned.stop]
             counts = labelled_counts(y)
             if self.replicas > 1:
                 with rec.phase("exchange"):
                     self.comm.all_reduce(counts, self.groups.replica)
-            self._backward(x, y, counts, rec)
-            if self.replicas > 1:
-                with rec.phase("exchange"):
-                    self.comm.all_reduce(self.replica_part, self.groups.replica)
-            solution = self.exchange(rec)
+            if kind == GRAMIAN:
+                self._backward(x, y, counts, rec)
+                if self.replicas > 1:
+                    with rec.phase("exchange"):
+                        self.comm.all_reduce(self.replica_part, self.groups.replica)
+                solution = mark_gramian_step(self.exchange(rec), self.mine)
+            else:
+                solution = self._single_backward(x, y, counts, rec, kind, kept)
             if not solution.skipped:
                 with rec.phase("optimizer"):
                     self.optimizer.step()
             self.checksum(step, rec)
+        balancer.follow(solution.coefficients, solution.skipped)
         return StepResult(solution)
+
+    def _single_backward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        counts: torch.Tensor,
+        rec: StepRecorder,
+        kind: str,
+        kept: torch.Tensor | None,
+    ) -> Solution:
+        """The one-backward step (module docstring): c from the losses (LOSSES) or kept (REUSE)."""
+        own = slice(self.owned.start, self.owned.stop)
+        with rec.phase("forward"):
+            z, z_leaf, parts = representation_forward(self.model, x, y, self.owned, counts)
+            losses = torch.stack(parts).detach()
+        solved = None
+        if kind == LOSSES:
+            with rec.phase("exchange"):
+                self.loss_buffer.zero_()
+                self.loss_buffer[own] = losses
+                self.comm.reduce(self.loss_buffer, self.groups.world, dst=0)
+            root = self.coordinator.is_coordinator
+            solved, c = self.coordinator.solve(None, self.loss_buffer if root else None, rec)
+            if solved.skipped:
+                solved.info.update({"step/gramian": 0.0, "step/encoder_backwards": 0.0})
+                return solved
+            coefficients = solved.coefficients
+        else:
+            assert kept is not None
+            coefficients = c = kept
+        with rec.phase("backward"):
+            weighted_backward(z, z_leaf, parts, c[own].to(self.device), self.shared_grad, self.head_grad)
+        t = self.num_tasks
+        reduced_losses = self.reduced[:t]
+        reduced_losses.zero_()
+        reduced_losses[own] = losses
+        with rec.phase("exchange"):
+            if self.replicas > 1:
+                self.comm.all_reduce(self.head_grad.buffer, self.groups.replica)
+            self.comm.all_reduce(self.reduced[: t + self.params], self.groups.world)
+        with rec.phase("apply"):
+            checked = finite_check(reduced_losses, self.reduced[t : t + self.params])
+        return single_backward_solution(kind, coefficients, checked, solved)
 
     def _backward(self, x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, rec: StepRecorder) -> None:
         """One forward, then one backward per owned task, each task's gradient copied into its slot.

@@ -6,17 +6,29 @@ representation gradients, head gradients and losses are its share of the full ba
 all-reduce of [head grads | losses | partial Gramian] then holds the full-batch values. The
 coordinator solves and broadcasts c, every rank runs one encoder backward of sum_t c_t L_t, and one
 all-reduce gives the full-batch shared gradient.
+
+A loss balancer (or a step between updates of balancer.update_every) needs no representation
+gradients: LOSSES steps reduce the T losses onto the coordinator, which solves and broadcasts c; then
+every rank runs ONE backward of sum_t c_t L_t (heads unweighted), all-reduces [head grads | T losses]
+and the shared gradient, and checks [losses | finite flag] on the host (the same on every rank).
 """
 
 from __future__ import annotations
 
 import torch
 
-from dist_mtl.engine.protocols.base import Protocol, StepContext, solution_bytes
+from dist_mtl.engine.protocols.base import Protocol, StepContext, loss_solve_bytes, solution_bytes
 from dist_mtl.engine.traffic import F32, StepShape, all_reduce_bytes, total
 from dist_mtl.gradients import FlatGradBuffer, labelled_counts
 from dist_mtl.observe import StepRecorder
-from dist_mtl.reference import StepResult, representation_backward, representation_forward
+from dist_mtl.reference import (
+    StepResult,
+    finite_check,
+    representation_backward,
+    representation_forward,
+    weighted_backward,
+)
+from dist_mtl.solve import GRAMIAN, LOSSES, Solution, mark_gramian_step, single_backward_solution, step_plan
 
 
 class RepProtocol(Protocol):
@@ -40,35 +52,99 @@ class RepProtocol(Protocol):
         self.head_grad = FlatGradBuffer(self.heads, out=self.flat[:heads])
         self.losses = self.flat[heads : heads + t]
         self.gramian = self.flat[heads + t :].view(t, t)
+        self.heads_and_losses = self.flat[: heads + t]  # what the single-backward path all-reduces
         self.shared_grad = FlatGradBuffer(self.shared)
+        self.loss_buffer = torch.zeros(t, device=device)  # LOSSES: reduced onto the coordinator
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder) -> StepResult:
-        tasks = range(self.model.num_tasks)
+        balancer = self.coordinator.balancer
+        kind, kept = step_plan(balancer)
         with self.comm.stepping(rec, self.fault) as step:
             counts = labelled_counts(y)
             with rec.phase("exchange"):
                 self.comm.all_reduce(counts, self.world)
-            with rec.phase("forward"):
-                z, z_leaf, losses = representation_forward(self.model, x, y, tasks, counts)
-            with rec.phase("backward"):
-                rep_grads, losses = representation_backward(losses, z_leaf, self.head_grad)
-            with rec.phase("solve"):
-                torch.mm(rep_grads, rep_grads.T, out=self.gramian)
-                self.losses.copy_(losses)
-            with rec.phase("exchange"):
-                self.comm.all_reduce(self.flat, self.world)
-            solution, c = self.coordinator.solve(self.gramian, self.losses, rec)
+            if kind == GRAMIAN:
+                solution = self._balanced(x, y, counts, rec)
+            else:
+                solution = self._single_backward(x, y, counts, rec, kind, kept)
             if not solution.skipped:
-                with rec.phase("apply"):
-                    z_grad = (c.to(rep_grads.dtype) @ rep_grads).view_as(z)
-                    self.shared_grad.buffer.zero_()
-                    z.backward(z_grad, inputs=self.shared)
-                    with rec.phase("exchange"):
-                        self.comm.all_reduce(self.shared_grad.buffer, self.world)
                 with rec.phase("optimizer"):
                     self.optimizer.step()
             self.checksum(step, rec)
+        balancer.follow(solution.coefficients, solution.skipped)
         return StepResult(solution)
+
+    def _single_backward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        counts: torch.Tensor,
+        rec: StepRecorder,
+        kind: str,
+        kept: torch.Tensor | None,
+    ) -> Solution:
+        with rec.phase("forward"):
+            z, z_leaf, parts = representation_forward(self.model, x, y, range(self.model.num_tasks), counts)
+            losses = torch.stack(parts).detach()
+        solved = None
+        if kind == LOSSES:
+            with rec.phase("exchange"):
+                self.loss_buffer.copy_(losses)
+                self.comm.reduce(self.loss_buffer, self.world, dst=0)
+            root = self.coordinator.is_coordinator
+            solved, c = self.coordinator.solve(None, self.loss_buffer if root else None, rec)
+            if solved.skipped:
+                solved.info.update({"step/gramian": 0.0, "step/encoder_backwards": 0.0})
+                return solved
+            coefficients = solved.coefficients
+        else:
+            assert kept is not None
+            coefficients = c = kept
+        with rec.phase("backward"):
+            weighted_backward(z, z_leaf, parts, c.to(losses.device), self.shared_grad, self.head_grad)
+        self.losses.copy_(losses)
+        with rec.phase("exchange"):
+            self.comm.all_reduce(self.heads_and_losses, self.world)
+            self.comm.all_reduce(self.shared_grad.buffer, self.world)
+        with rec.phase("apply"):
+            checked = finite_check(self.losses, self.shared_grad.buffer)
+        return single_backward_solution(kind, coefficients, checked, solved)
+
+    def _balanced(
+        self, x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, rec: StepRecorder
+    ) -> Solution:
+        """The Gramian path: representation gradients, their Gramian, solve, one encoder backward."""
+        tasks = range(self.model.num_tasks)
+        with rec.phase("forward"):
+            z, z_leaf, losses = representation_forward(self.model, x, y, tasks, counts)
+        with rec.phase("backward"):
+            rep_grads, losses = representation_backward(losses, z_leaf, self.head_grad)
+        with rec.phase("solve"):
+            torch.mm(rep_grads, rep_grads.T, out=self.gramian)
+            self.losses.copy_(losses)
+        with rec.phase("exchange"):
+            self.comm.all_reduce(self.flat, self.world)
+        solution, c = self.coordinator.solve(self.gramian, self.losses, rec)
+        if not solution.skipped:
+            with rec.phase("apply"):
+                z_grad = (c.to(rep_grads.dtype) @ rep_grads).view_as(z)
+                self.shared_grad.buffer.zero_()
+                z.backward(z_grad, inputs=self.shared)
+                with rec.phase("exchange"):
+                    self.comm.all_reduce(self.shared_grad.buffer, self.world)
+        return mark_gramian_step(solution, 1)
+
+    @classmethod
+    def single_backward_bytes(cls, shape: StepShape, rank: int) -> tuple[int, int]:
+        """All-reduce of T counts; LOSSES: reduce of T losses and the broadcast of c; all-reduce of
+        [head grads | T losses] and of P."""
+        t, world = shape.tasks, shape.replicas * shape.k
+        return total(
+            all_reduce_bytes(F32 * t, world),
+            loss_solve_bytes(shape, rank),
+            all_reduce_bytes(F32 * (shape.all_head_params + t), world),
+            all_reduce_bytes(F32 * shape.params, world),
+        )
 
     @classmethod
     def bytes_per_step(cls, shape: StepShape, rank: int) -> tuple[int, int]:
