@@ -1,0 +1,216 @@
+"""Projections onto the dual cone of the task gradients, many at once, on the Gramian alone.
+
+The dual cone of G = [g_1 ... g_T] is C = {x : G^T x >= 0}, the directions that conflict with no task.
+The projection of G u onto C is G w with w = argmin_{v >= u} v^T M v (Quinton & Rey 2024, Prop. 1;
+by Moreau, G u - pi_C(G u) is the projection of G u onto the polar cone -cone(G)). With w = u + lam it
+is non-negative least squares in Gramian form, min_{lam >= 0} ||G lam + G u||^2, whose KKT conditions
+are lam >= 0, y = M w >= 0 and lam_j y_j = 0; lam^T y is the duality gap of the QP.
+
+Solver: active sets on lam, B problems in lockstep. Each problem keeps a passive set P (the
+constraints let go, lam_P > 0); an iteration solves M_PP z_P = -(M u)_P for every problem still running
+in one batched LU (the P's gathered into (B, K, K) blocks padded with identity, K the largest |P|).
+First primal-dual active set rounds (Hintermueller, Ito & Kunisch 2002), started from the constraints
+violated at lam = 0: P <- {j in P : z_j > 0} + {j not in P : y_j violated}; a round that leaves P as it
+is ends at a certified KKT point, usually after 4 to 7 rounds. A problem still changing after 30
+rounds (PDAS can cycle on a general PSD M) restarts in Lawson & Hanson's (1974) NNLS from lam = 0,
+which terminates: a solution with a non-positive entry is met by the step back to the boundary,
+dropping the blocking indices; a positive one becomes the iterate, and violated constraints enter P
+all at once, falling back to one most-violated index at a time for a problem whose objective did not
+decrease after such an entry (the textbook rule, which always makes progress).
+
+Stopping rule, with M scaled to unit largest diagonal, n_j = ||g_j|| and s_b = ||G u_b||: problem b
+is done when every y_j >= -(tol n_j s_b + noise_j), noise_j = 8 T eps n_j sum_k |w_k| n_k being the
+rounding bound of the computed y_j (y_P = 0 holds to rounding by construction). The diagnostics are
+the largest relative violation max_j -y_j / (n_j s_b) and the largest relative gap lam^T y / s_b^2.
+A ridge of T eps on the diagonal of M_PP keeps near-duplicate tasks in P solvable; it perturbs lam
+at rounding level where M_PP is well conditioned, and the KKT check above still certifies the answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dist_mtl.balancers.base import solver_info
+from dist_mtl.balancers.solver import EPS
+
+_PDAS_ROUNDS = 30  # primal-dual active set rounds before a problem falls back to Lawson-Hanson
+
+
+@dataclass(frozen=True)
+class DualConeInfo:
+    """Diagnostics of one batched solve: `iterations` counts batched solves (each costs one LU of all
+    problems still running); `gap` and `violation` are the worst over the problems (see module doc)."""
+
+    iterations: int
+    gap: float
+    violation: float
+    converged: bool
+    unconverged: int
+
+
+def regularized_gramian(M: np.ndarray, norm_eps: float, reg_eps: float) -> np.ndarray:
+    """TorchJD's normalize-then-regularize: M / tr(M) (0 when tr(M) < norm_eps) + reg_eps I; M if both 0."""
+    if norm_eps == 0.0 and reg_eps == 0.0:
+        return M
+    trace = float(np.trace(M))
+    scaled = M / trace if trace >= norm_eps and trace > 0.0 else np.zeros_like(M)
+    return scaled + reg_eps * np.eye(M.shape[0])
+
+
+def check_regularization(norm_eps: float, reg_eps: float) -> None:
+    for field, value in (("norm_eps", norm_eps), ("reg_eps", reg_eps)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < np.inf:
+            raise ValueError(f"balancer.{field} must be a finite number >= 0; got {value!r}")
+
+
+def dual_cone_info(solve: DualConeInfo) -> dict[str, float]:
+    """Diagnostics: `solver_*` as MGDA logs them, the worst KKT violation, the unconverged projections."""
+    info = solver_info("solver", solve.iterations, solve.gap, solve.converged)
+    info |= {"solver_violation": solve.violation, "solver_unconverged_projections": float(solve.unconverged)}
+    return info
+
+
+def project_dual_cone(
+    M: np.ndarray, U: np.ndarray, tol: float, max_iter: int
+) -> tuple[np.ndarray, DualConeInfo]:
+    """W with row b = argmin_{v >= U_b} v^T M v for a PSD Gramian M (T, T) and bounds U (B, T).
+
+    G W_b is the projection of G U_b onto the dual cone of the columns of G. A problem still running
+    after `max_iter` batched solves returns its last iterate, which is feasible (W_b >= U_b) and, being
+    the minimiser on its passive set, never worse than G U_b itself; `converged` is then False.
+    """
+    B, T = U.shape
+    norms = np.sqrt(np.clip(np.diag(M), 0.0, None))
+    top = float(norms.max())
+    if top == 0.0:
+        return U.copy(), DualConeInfo(0, 0.0, 0.0, True, 0)
+    Mn, n = M / top**2, norms / top
+    Y0 = U @ Mn  # y at lam = 0; its row b is (M u_b)
+    s = np.sqrt(np.clip(np.einsum("bt,bt->b", U, Y0), 0.0, None))
+    lam = np.zeros((B, T))
+    passive = np.zeros((B, T), dtype=bool)
+    todo, iterations = _primal_dual(U, Mn, Y0, n, s, tol, lam, passive, min(max_iter, _PDAS_ROUNDS))
+    lam[todo], passive[todo] = 0.0, False  # a problem that cycled restarts in Lawson-Hanson from 0
+    single = np.zeros(B, dtype=bool)  # fall back to one index per entry (Lawson-Hanson's rule)
+    f_prev = np.full(B, np.inf)
+    todo = _enter(todo, U, lam, passive, Y0, Mn, n, s, tol, single, f_prev)
+    while len(todo) and iterations < max_iter:
+        iterations += 1
+        z = _solve_passive(Mn, Y0[todo], passive[todo])
+        lt, pt = lam[todo], passive[todo]
+        bad = pt & (z <= 0.0)
+        blocked = bad.any(axis=1)
+        ratio = np.where(bad, lt / np.maximum(lt - z, np.finfo(np.float64).tiny), np.inf)
+        alpha = np.where(blocked, ratio.min(axis=1), 1.0)
+        new = lt + alpha[:, None] * (z - lt)
+        drop = bad & (ratio <= alpha[:, None])
+        new[drop | ~pt] = 0.0
+        np.maximum(new, 0.0, out=new)
+        lam[todo], passive[todo] = new, pt & ~drop
+        settled = todo[~blocked]
+        todo = np.concatenate(
+            [todo[blocked], _enter(settled, U, lam, passive, Y0, Mn, n, s, tol, single, f_prev)]
+        )
+    W = U + lam
+    Y = W @ Mn
+    violation = np.max(-Y / np.maximum(np.outer(s, n), EPS), axis=1, initial=0.0).clip(0.0)
+    gap = np.abs(np.einsum("bt,bt->b", lam, Y)) / np.maximum(s**2, EPS)
+    info = DualConeInfo(iterations, float(gap.max()), float(violation.max()), not len(todo), len(todo))
+    return W, info
+
+
+def _threshold(W: np.ndarray, n: np.ndarray, s: np.ndarray, tol: float) -> np.ndarray:
+    """How negative y_j = (M w)_j may be for problem b: tol n_j s_b plus the rounding bound of y_j."""
+    noise = 8.0 * len(n) * EPS * (np.abs(W) @ n)
+    return (tol * s + noise)[:, None] * n[None, :]
+
+
+def _primal_dual(
+    U: np.ndarray,
+    Mn: np.ndarray,
+    Y0: np.ndarray,
+    n: np.ndarray,
+    s: np.ndarray,
+    tol: float,
+    lam: np.ndarray,
+    passive: np.ndarray,
+    rounds: int,
+) -> tuple[np.ndarray, int]:
+    """Primal-dual active set rounds: P <- {j in P: z_j > 0} + {j not in P: y_j < -threshold}.
+
+    A round whose P does not change has z >= 0 and y >= -threshold: the KKT point, certified. Writes
+    the solved problems' lam and P; returns the problems still running and the rounds used.
+    """
+    B = Y0.shape[0]
+    todo = np.arange(B)
+    passive[:] = -_threshold(U, n, s, tol) > Y0  # the start: every constraint violated at lam = 0
+    used = 0
+    while len(todo) and used < rounds:
+        used += 1
+        pt = passive[todo]
+        z = _solve_passive(Mn, Y0[todo], pt)
+        Y = Y0[todo] + z @ Mn
+        nxt = (pt & (z > 0.0)) | (~pt & (-_threshold(U[todo] + z, n, s[todo], tol) > Y))
+        done = (nxt == pt).all(axis=1)
+        lam[todo[done]] = np.maximum(z[done], 0.0)
+        passive[todo] = nxt
+        todo = todo[~done]
+    return todo, used
+
+
+def _enter(
+    probs: np.ndarray,
+    U: np.ndarray,
+    lam: np.ndarray,
+    passive: np.ndarray,
+    Y0: np.ndarray,
+    Mn: np.ndarray,
+    n: np.ndarray,
+    s: np.ndarray,
+    tol: float,
+    single: np.ndarray,
+    f_prev: np.ndarray,
+) -> np.ndarray:
+    """KKT check of problems at their passive-set minimiser; violated constraints enter P.
+
+    Returns the problems that go on (those with a violated constraint)."""
+    if not len(probs):
+        return probs
+    W = U[probs] + lam[probs]
+    Y = Y0[probs] + lam[probs] @ Mn
+    violated = (-_threshold(W, n, s[probs], tol) > Y) & ~passive[probs]
+    going = violated.any(axis=1)
+    probs, violated, Y, W = probs[going], violated[going], Y[going], W[going]
+    if not len(probs):
+        return probs
+    f = 0.5 * np.einsum("bt,bt->b", W, Y)
+    single[probs] |= f >= f_prev[probs]  # the last all-at-once entry did not decrease the objective
+    f_prev[probs] = f
+    one = single[probs]
+    if one.any():
+        worst = np.argmin(np.where(violated[one], Y[one], np.inf), axis=1)
+        violated[one] = False
+        violated[one.nonzero()[0], worst] = True
+    passive[probs] |= violated
+    return probs
+
+
+def _solve_passive(Mn: np.ndarray, Y0: np.ndarray, passive: np.ndarray) -> np.ndarray:
+    """z with z_P solving (M_PP + ridge) z_P = -(M u)_P and z = 0 off P, for each row's P, batched."""
+    k, T = passive.shape
+    K = int(passive.sum(axis=1).max())
+    z = np.zeros((k, T))
+    if K == 0:
+        return z
+    order = np.argsort(~passive, axis=1, kind="stable")[:, :K]  # each row's P first, ascending
+    valid = np.take_along_axis(passive, order, axis=1)
+    pair = valid[:, :, None] & valid[:, None, :]
+    A = np.where(pair, Mn[order[:, :, None], order[:, None, :]], 0.0)
+    diag = np.arange(K)
+    A[:, diag, diag] += np.where(valid, T * EPS, 1.0)
+    rhs = np.where(valid, -np.take_along_axis(Y0, order, axis=1), 0.0)
+    sol = np.linalg.solve(A, rhs[:, :, None])[:, :, 0]
+    np.put_along_axis(z, order, np.where(valid, sol, 0.0), axis=1)
+    return z
