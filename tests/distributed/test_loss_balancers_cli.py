@@ -1,0 +1,63 @@
+"""End to end: every loss balancer trains through `dist-mtl train` on one process and on `--nproc 2`
+(torchrun), and the two runs end with the same checkpoint (the one-backward path's contract through
+the CLI); the 2-rank run logs one encoder backward and no Gramian on every step."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.distributed.harness import BASE, ROOT, compare, load, read_jsonl
+from tests.distributed.test_engine_cli import cli_env
+
+pytestmark = [pytest.mark.distributed]
+
+# One layout and protocol per balancer, so the four runs cover 1x2, 2x1, gather, gramian and rep.
+CASES = {
+    "famo": ["balancer.famo_lr=5", "engine.replicas=1", "engine.task_parallel=2", "engine.protocol=gramian"],
+    "uw": ["balancer.uw_lr=0.1", "engine.replicas=2", "engine.task_parallel=1", "engine.protocol=gather"],
+    "dwa": ["train.mode=rep", "engine.protocol=rep"],
+    "rlw": ["balancer.seed=3", "engine.replicas=1", "engine.task_parallel=2", "engine.protocol=gather"],
+}
+STEPS = ["train.steps=3", "engine.checksum_every=1"]
+
+
+def dist_mtl_train(run_dir: Path, overrides: list[str], nproc: int) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "dist_mtl.cli", "train", *BASE, *STEPS, *overrides, f"run_dir={run_dir}"]
+    if nproc > 1:
+        argv += ["--nproc", str(nproc)]
+    return subprocess.run(argv, env=cli_env(), cwd=ROOT, capture_output=True, text=True, timeout=200)
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("name", list(CASES))
+def test_loss_balancer_trains_through_the_cli_on_one_and_two_processes(name: str, tmp_path: Path) -> None:
+    overrides = [f"balancer.name={name}", *CASES[name]]
+    one = dist_mtl_train(tmp_path / "one", [o for o in overrides if not o.startswith("engine.")], 1)
+    assert one.returncode == 0, one.stdout + one.stderr
+    two = dist_mtl_train(tmp_path / "two", overrides, 2)
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert "run directory:" in two.stdout
+    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two")]
+    assert [s["world_size"] for s in summaries] == [1, 2] and all(s["steps"] == 3 for s in summaries)
+    state = ("model", "optimizer", "balancer", "step")
+    got, expected = (load(tmp_path / d / "checkpoints" / "last.pt") for d in ("two", "one"))
+    diffs = compare({k: got[k] for k in state}, {k: expected[k] for k in state})
+    assert not diffs, diffs
+    assert got["balancer"] != build_fresh_state(name)  # the balancer's state moved over the run
+    for rank in (0, 1):
+        records = [r for r in read_jsonl(tmp_path / "two" / "metrics" / f"rank{rank}.jsonl") if "step" in r]
+        steps = [r for r in records if "step/gramian" in r]
+        assert len(steps) == 3 and all(
+            r["step/gramian"] == 0.0 and r["step/encoder_backwards"] == 1.0 for r in steps
+        ), steps
+
+
+def build_fresh_state(name: str) -> dict:
+    from dist_mtl.balancers import build_balancer
+
+    return build_balancer(name).state_dict()
