@@ -11,7 +11,7 @@ constraints let go, lam_P > 0); an iteration solves M_PP z_P = -(M u)_P for ever
 in one batched LU (the P's gathered into (B, K, K) blocks padded with identity, K the largest |P|).
 First primal-dual active set rounds (Hintermueller, Ito & Kunisch 2002), started from the constraints
 violated at lam = 0: P <- {j in P : z_j > 0} + {j not in P : y_j violated}; a round that leaves P as it
-is ends at a certified KKT point, usually after 4 to 7 rounds. A problem still changing after 30
+is ends at a certified KKT point, usually after 4 to 7 rounds. A problem still changing after 15
 rounds (PDAS can cycle on a general PSD M) restarts in Lawson & Hanson's (1974) NNLS from lam = 0,
 which terminates: a solution with a non-positive entry is met by the step back to the boundary,
 dropping the blocking indices; a positive one becomes the iterate, and violated constraints enter P
@@ -21,9 +21,11 @@ decrease after such an entry (the textbook rule, which always makes progress).
 Stopping rule, with M scaled to unit largest diagonal, n_j = ||g_j|| and s_b = ||G u_b||: problem b
 is done when every y_j >= -(tol n_j s_b + noise_j), noise_j = 8 T eps n_j sum_k |w_k| n_k being the
 rounding bound of the computed y_j (y_P = 0 holds to rounding by construction). The diagnostics are
-the largest relative violation max_j -y_j / (n_j s_b) and the largest relative gap lam^T y / s_b^2.
-A ridge of T eps on the diagonal of M_PP keeps near-duplicate tasks in P solvable; it perturbs lam
-at rounding level where M_PP is well conditioned, and the KKT check above still certifies the answer.
+the largest relative violation max_j -y_j / (n_j s_b) and the largest relative gap
+sum_j lam_j |y_j| / s_b^2.
+A relative ridge, M_jj T eps added to each diagonal entry of M_PP, keeps near-duplicate tasks in P
+solvable; it perturbs lam at rounding level where M_PP is well conditioned, and the KKT check above
+still certifies the answer.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import numpy as np
 from dist_mtl.balancers.base import solver_info
 from dist_mtl.balancers.solver import EPS
 
-_PDAS_ROUNDS = 30  # primal-dual active set rounds before a problem falls back to Lawson-Hanson
+_PDAS_ROUNDS = 15  # primal-dual active set rounds before a problem falls back to Lawson-Hanson
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ def project_dual_cone(
     W = U + lam
     Y = W @ Mn
     violation = np.max(-Y / np.maximum(np.outer(s, n), EPS), axis=1, initial=0.0).clip(0.0)
-    gap = np.abs(np.einsum("bt,bt->b", lam, Y)) / np.maximum(s**2, EPS)
+    gap = np.einsum("bt,bt->b", lam, np.abs(Y)) / np.maximum(s**2, EPS)
     info = DualConeInfo(iterations, float(gap.max()), float(violation.max()), not len(todo), len(todo))
     return W, info
 
@@ -209,7 +211,7 @@ def _solve_passive(Mn: np.ndarray, Y0: np.ndarray, passive: np.ndarray) -> np.nd
     pair = valid[:, :, None] & valid[:, None, :]
     A = np.where(pair, Mn[order[:, :, None], order[:, None, :]], 0.0)
     diag = np.arange(K)
-    A[:, diag, diag] += np.where(valid, T * EPS, 1.0)
+    A[:, diag, diag] += np.where(valid, T * EPS * A[:, diag, diag], 1.0)
     rhs = np.where(valid, -np.take_along_axis(Y0, order, axis=1), 0.0)
     sol = np.linalg.solve(A, rhs[:, :, None])[:, :, 0]
     np.put_along_axis(z, order, np.where(valid, sol, 0.0), axis=1)
