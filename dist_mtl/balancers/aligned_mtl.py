@@ -65,11 +65,11 @@ def aligned_coefficients(
     else:
         lam, V = np.linalg.eigh(M)
     top = float(lam[-1])
-    keep = lam > top * T * EPS
-    rank = int(keep.sum())
+    first = int(np.searchsorted(lam, top * T * EPS, side="right"))  # ascending: the retained are a suffix
+    rank = T - first
     if rank == 0:
         return pref.copy(), 0, 0.0, 0.0
-    lam, V = lam[keep], V[:, keep]  # ascending
+    lam, V = lam[first:], V[:, first:]
     if scale_mode == "min":
         s = float(lam[0])
     elif scale_mode == "median":
