@@ -37,6 +37,7 @@ import numpy as np
 from dist_mtl.balancers.base import solver_info
 from dist_mtl.balancers.solver import EPS
 
+_CHUNK_ENTRIES = 1 << 22  # padded (chunk, K, K) blocks per batched LU: 32 MiB of float64
 _PDAS_ROUNDS = 15  # primal-dual active set rounds before a problem falls back to Lawson-Hanson
 
 
@@ -104,7 +105,9 @@ def project_dual_cone(
         lt, pt = lam[todo], passive[todo]
         bad = pt & (z <= 0.0)
         blocked = bad.any(axis=1)
-        ratio = np.where(bad, lt / np.maximum(lt - z, np.finfo(np.float64).tiny), np.inf)
+        # On bad entries lt - z >= lt >= 0, so the ratio is in [0, 1]; 0 / 0 (lt = z = 0) blocks at 0.
+        denominator = np.maximum(lt - z, np.finfo(np.float64).tiny)
+        ratio = np.divide(lt, denominator, out=np.full(lt.shape, np.inf), where=bad)
         alpha = np.where(blocked, ratio.min(axis=1), 1.0)
         new = lt + alpha[:, None] * (z - lt)
         drop = bad & (ratio <= alpha[:, None])
@@ -200,12 +203,32 @@ def _enter(
 
 
 def _solve_passive(Mn: np.ndarray, Y0: np.ndarray, passive: np.ndarray) -> np.ndarray:
-    """z with z_P solving (M_PP + ridge) z_P = -(M u)_P and z = 0 off P, for each row's P, batched."""
+    """z with z_P solving (M_PP + ridge) z_P = -(M u)_P and z = 0 off P, for each row's P, batched.
+
+    Rows are sorted by |P| and solved in chunks padded to the chunk's largest |P| (at most
+    _CHUNK_ENTRIES matrix entries each), which bounds memory and wastes little work on padding."""
     k, T = passive.shape
-    K = int(passive.sum(axis=1).max())
+    sizes = passive.sum(axis=1)
     z = np.zeros((k, T))
-    if K == 0:
-        return z
+    rows = np.argsort(sizes, kind="stable")
+    rows = rows[sizes[rows] > 0]
+    start = 0
+    while start < len(rows):
+        K, stop = 0, start
+        while stop < len(rows):  # grow the chunk while its padded blocks fit
+            K_next = int(sizes[rows[stop]])
+            if stop > start and (stop - start + 1) * K_next * K_next > _CHUNK_ENTRIES:
+                break
+            K, stop = K_next, stop + 1
+        chunk = rows[start:stop]
+        z[chunk] = _solve_block(Mn, Y0[chunk], passive[chunk], K)
+        start = stop
+    return z
+
+
+def _solve_block(Mn: np.ndarray, Y0: np.ndarray, passive: np.ndarray, K: int) -> np.ndarray:
+    T = Mn.shape[0]
+    z = np.zeros(passive.shape)
     order = np.argsort(~passive, axis=1, kind="stable")[:, :K]  # each row's P first, ascending
     valid = np.take_along_axis(passive, order, axis=1)
     pair = valid[:, :, None] & valid[:, None, :]

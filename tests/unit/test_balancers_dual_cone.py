@@ -10,6 +10,7 @@ from scipy.optimize import nnls
 from torchjd._linalg import QuadprogProjector
 from torchjd.aggregation import CAGradWeighting, DualProjWeighting, IMTLGWeighting, UPGradWeighting
 
+from dist_mtl.balancers import dual_cone
 from dist_mtl.balancers.cagrad import CAGrad
 from dist_mtl.balancers.dual_cone import project_dual_cone
 from dist_mtl.balancers.dualproj import DualProj
@@ -172,6 +173,21 @@ def test_upgrad_projections_satisfy_kkt_and_match_nnls(kind: str) -> None:
         assert np.linalg.norm(G @ W[i] - oracle) <= 1e-7 * np.linalg.norm(G[:, i])
     d = G @ UPGrad()(M).coefficients.numpy()
     np.testing.assert_allclose(d, G @ W.mean(axis=0), rtol=1e-12, atol=1e-14 * np.linalg.norm(d))
+
+
+@pytest.mark.parametrize("rounds", [0, 1])
+def test_lawson_hanson_fallback_reaches_the_same_projections(rounds: int, monkeypatch) -> None:
+    """With the primal-dual rounds cut short every problem finishes in the Lawson-Hanson fallback."""
+    monkeypatch.setattr(dual_cone, "_PDAS_ROUNDS", rounds)
+    for kind in KINDS:
+        G = gradients(kind, seed=2)
+        M = G.T @ G
+        T = M.shape[0]
+        W, info = project_dual_cone(M, np.eye(T), 1e-10, 10_000)
+        assert info.converged, kind
+        for i in range(T):
+            oracle = nnls_projection(G, G[:, i])
+            assert np.linalg.norm(G @ W[i] - oracle) <= 1e-7 * np.linalg.norm(G[:, i]), kind
 
 
 def test_dualproj_is_the_projection_of_the_mean_gradient() -> None:
