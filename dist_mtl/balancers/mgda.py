@@ -110,7 +110,8 @@ class MGDA(Balancer):
         n, clamped = gradient_normalizers(M, losses, self.normalization)
         tasks = self._tasks(M.shape[0])
         warm = self._start(tasks)
-        a, solve = solve_min_norm(M / np.outer(n, n), self.tol, self.max_iter, warm)
+        normalised = M if self.normalization == "none" else M / np.outer(n, n)  # n = 1: skip a T^2 pass
+        a, solve = solve_min_norm(normalised, self.tol, self.max_iter, warm)
         if tasks is not None:
             self._candidate = np.zeros(self._num_tasks_called())
             self._candidate[tasks] = a
