@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from dist_mtl.balancers.base import Balancer
+from dist_mtl.balancers.base import Balancer, LossBalancer
 from dist_mtl.balancers.dwa import DWA
 from dist_mtl.balancers.famo import FAMO
 from dist_mtl.balancers.getmtl import GetMTL
@@ -48,8 +48,9 @@ def build_balancer(name: str, **options: Any) -> Balancer:
 
 
 def balancer_needs_gramian(name: str) -> bool:
-    """Whether balancer `name` reads the Gramian (False: a function of the losses and its own state)."""
-    return _balancer_class(name)().needs_gramian
+    """Whether balancer `name` reads the Gramian (False for a `LossBalancer`: a function of the losses
+    and its own state), known from the class, before any balancer is built."""
+    return not issubclass(_balancer_class(name), LossBalancer)
 
 
 def _balancer_class(name: str) -> type[Balancer]:
