@@ -5,10 +5,11 @@ elementwise, i.e. <g_i, d> = 1 / alpha_i for every task. It is solved directly (
 certified residual, `_power_equation.py`, the FairGrad equation at alpha_fair = 1), not by the paper's
 sequence of convex-concave (CCP) steps through cvxpy. The released code (and TorchJD's NashMTL) runs
 at most 20 CCP steps and, when the cvxpy solve raises, silently keeps the previous alpha (nash-mtl issue
-#21). Here a failed solve is never silent: `nash_mtl_converged` = 0. There is no solution when a
-subset of the tasks is Pareto stationary (0 in the convex hull of their gradients: e.g. g_2 = -g_1);
-then `nash_mtl_unbounded` = 1 and the weights are the iterate at which they passed the bound (module
-doc of `_power_equation`).
+#21); its stop test checks the equation on the Frobenius-normalised Gramian, a different equation
+unless ||M||_F = 1. Here a failed solve is never silent: `nash_mtl_converged` = 0. There is no
+solution when a subset of the tasks is Pareto stationary (0 in the convex hull of their gradients:
+e.g. g_2 = -g_1); then also `nash_mtl_unbounded` = 1 once the weights pass the bound, and the weights
+are that iterate (module doc of `_power_equation`).
 
 Differences from the released code and TorchJD, on purpose: (1) the exact solution instead of up to 20
 CCP steps (so the step's norm is exactly ||d|| = sqrt(T), since alpha^T M alpha = sum_i alpha_i
