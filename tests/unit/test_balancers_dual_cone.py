@@ -175,10 +175,12 @@ def test_upgrad_projections_satisfy_kkt_and_match_nnls(kind: str) -> None:
     np.testing.assert_allclose(d, G @ W.mean(axis=0), rtol=1e-12, atol=1e-14 * np.linalg.norm(d))
 
 
-@pytest.mark.parametrize("rounds", [0, 1])
-def test_lawson_hanson_fallback_reaches_the_same_projections(rounds: int, monkeypatch) -> None:
-    """With the primal-dual rounds cut short every problem finishes in the Lawson-Hanson fallback."""
+@pytest.mark.parametrize(("rounds", "cholesky_from"), [(0, 96), (1, 96), (15, 1), (0, 1)])
+def test_every_solver_path_reaches_the_same_projections(rounds: int, cholesky_from: int, monkeypatch) -> None:
+    """Primal-dual rounds cut short: every problem finishes in the Lawson-Hanson fallback;
+    cholesky_from = 1: every passive block solved by Cholesky one by one (the large-T path)."""
     monkeypatch.setattr(dual_cone, "_PDAS_ROUNDS", rounds)
+    monkeypatch.setattr(dual_cone, "_CHOLESKY_FROM", cholesky_from)
     for kind in KINDS:
         G = gradients(kind, seed=2)
         M = G.T @ G
