@@ -7,22 +7,30 @@ definite for every PSD M. A minimiser exists exactly when f is bounded below on 
 no w >= 0, w != 0 has G w = 0: when no subset of the tasks is Pareto stationary (0 in the convex hull
 of their gradients). Otherwise f decreases along such a ray forever and there is no solution.
 
-Solver: damped Newton on f from the diagonal solution, rescaled to the best multiple. The direction
-comes from a Cholesky factor of the diagonally scaled Hessian; the step goes at most 99% of the way to
-the orthant's boundary and backtracks on Armijo's rule for f (once f is flat to rounding, on the
-residual). Far from the solution the weights grow geometrically (about x2 per step for p = 1), so a
-solution 1e4 times the start costs ~15 steps; near it, convergence is quadratic. M is scaled to unit
-largest diagonal first and the solution scaled back (w = s^(-1/(1+p)) u for M = s M_1), so the result
-does not depend on the scale of the gradients. `init` warm-starts from a nearby solution.
+Solver: damped Newton on f, started from the solution for orthogonal tasks, M_ii^(-1/(1+p)), times
+the best common factor. The direction comes from a Cholesky factor of the diagonally scaled Hessian;
+the step goes at most 99% of the way to the orthant's boundary and backtracks until Armijo's rule
+holds for f or for the squared relative residual (the Newton direction descends on both). The second
+matters when gradient norms differ by orders of magnitude: each task adds about w_i^(1-p) to f, so
+some tasks' terms sink below f's rounding while their equations are still far from solved (a decrease
+of f below 1e3 eps |f| does not count). Far from the solution the weights grow geometrically (about x2
+per step for p = 1); near it, convergence is quadratic. M is scaled to unit largest diagonal first and
+the solution scaled back (w = s^(-1/(1+p)) u for M = s M_1), so the result does not depend on the
+scale of the gradients. `init` warm-starts from a nearby solution.
 
 Certificate: the forward residual of the equation, max_i |(M w)_i w_i^p - 1| (0 at the solution),
-which rounding cannot push below its floor 4 T eps max_i (|M| w)_i w_i^p (large when the tasks nearly
-cancel: the problem is then ill-conditioned). Converged when residual <= max(tol, floor) and the floor
-is <= 1e-3 (else the residual says nothing). Otherwise the solver stops after `max_iter` steps or when
-the line search makes no progress, reports converged = False, and returns its last iterate (positive
-and finite). When the scaled weights pass `UNBOUNDED` there is no solution (a Pareto-stationary subset
-of tasks): `unbounded` = True as well. The returned iterate then has large weights whose direction
-G w nearly cancels on the stationary subset; callers should treat the step as failed (the info says so).
+which rounding cannot push below its floor 4 T eps max_i (|M| w)_i w_i^p (large when a task's
+improvement <g_i, d> is a small difference of large terms: the problem is then ill-conditioned).
+Converged when residual <= max(tol, floor) and floor <= 0.1. Otherwise the solver stops after
+`max_iter` steps or when the line search makes no progress, reports converged = False, and returns its
+last iterate (positive and finite).
+
+No solution: for a Pareto-stationary subset (sum_S v_i g_i = 0, v >= 0), sum_S v_i <g_i, d> = 0, so
+some task has <g_i, d> <= 0 and a residual >= 1 whatever w is: such M are never reported converged.
+When some w_i passes `UNBOUNDED` times M_ii^(-1/(1+p)) the solver stops with `unbounded` = True as
+well (for p > 1 f flattens and it may stall below the bound instead). The returned iterate then has
+large weights whose direction G w nearly cancels on the stationary subset; callers should treat such
+a step as failed (the info says so).
 """
 
 from __future__ import annotations
@@ -33,12 +41,13 @@ import numpy as np
 import scipy.linalg
 
 EPS = float(np.finfo(np.float64).eps)
-UNBOUNDED = 1e8  # largest scaled weight before the problem is declared to have no solution
+UNBOUNDED = 1e8  # largest w_i / (M_ii^(-1/(1+p))) before the problem is declared to have no solution
+_TINY = 1e-300  # floor of a zero diagonal entry (only a direct call sees one: Balancer drops those tasks)
 _TO_BOUNDARY = 0.99  # a step goes at most this fraction of the way to the orthant's boundary
-_MAX_FLOOR = 1e-3  # a rounding floor above this makes the residual meaningless: not converged
+_MAX_FLOOR = 0.1  # a rounding floor above this makes the residual meaningless: not converged
+_FLAT = 1e3 * EPS  # a decrease of f below this (relative) is rounding: judge the step by the residual
 _ARMIJO = 1e-4
 _MIN_STEP = 1e-12
-_FLAT = 1e3 * EPS  # a decrease of f below this (relative) is rounding
 
 
 @dataclass(frozen=True)
@@ -79,18 +88,20 @@ def solve_power_equation(
     back = scale ** (-1.0 / (1.0 + p))  # w = back * u for the solution u of the scaled problem
     A = M / scale
     absA = np.abs(A)
+    # The solution if the tasks were orthogonal; weights are measured against it (norms may differ a lot).
+    reference = np.maximum(np.diag(A), _TINY) ** (-1.0 / (1.0 + p))
     if init is not None:
         u = np.asarray(init, dtype=np.float64) / back
         if u.shape != (T,) or not np.all(np.isfinite(u)) or not np.all(u > 0.0):
             raise ValueError(f"init must be a positive, finite ({T},) array")
     else:
-        u = np.maximum(np.diag(A), EPS) ** (-1.0 / (1.0 + p))  # the solution for a diagonal M
+        u = reference
     u = _ray_minimiser(A, u, p)
     f = _objective(A, u, p)
     iterations, unbounded = 0, False
     residual, floor = _residual(A, absA, u, p, T)
     while not (residual <= max(tol, floor) and floor <= _MAX_FLOOR) and iterations < max_iter:
-        if float(np.max(u)) > UNBOUNDED:
+        if float(np.max(u / reference)) > UNBOUNDED:
             unbounded = True
             break
         iterations += 1
@@ -105,21 +116,17 @@ def solve_power_equation(
         except np.linalg.LinAlgError:  # H is PD in exact arithmetic; rounding only: use the diagonal
             direction = -grad / np.diag(H)
         slope = float(grad @ direction)
-        if not slope < 0.0:
-            break
+        weight = u**p  # frozen for this step: weight * grad is the relative residual at u
+        merit = 0.5 * float(np.sum((weight * grad) ** 2))
         shrink = direction < 0.0
         t = min(1.0, _TO_BOUNDARY * float(np.min(-u[shrink] / direction[shrink]))) if shrink.any() else 1.0
-        if -slope <= _FLAT * (abs(f) + 1.0):  # f is flat to rounding: judge the Newton step by the residual
-            trial = u + t * direction
-            trial_residual, trial_floor = _residual(A, absA, trial, p, T)
-            if not trial_residual < residual:
-                break
-            u, f, residual, floor = trial, _objective(A, trial, p), trial_residual, trial_floor
-            continue
         while True:
             trial = u + t * direction
             f_trial = _objective(A, trial, p)
-            if f_trial <= f + _ARMIJO * t * slope:
+            if -slope > _FLAT * (abs(f) + 1.0) and f_trial <= f + _ARMIJO * t * slope:
+                break
+            trial_merit = 0.5 * float(np.sum((weight * (A @ trial - trial ** (-p))) ** 2))
+            if trial_merit <= (1.0 - 2.0 * _ARMIJO * t) * merit:
                 break
             t *= 0.5
             if t < _MIN_STEP:

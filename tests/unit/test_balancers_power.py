@@ -174,3 +174,27 @@ def test_bad_options_are_named() -> None:
         NashMTL(tol=-1.0)
     with pytest.raises(ValueError, match="balancer.max_iter must be an integer >= 1"):
         FairGrad(max_iter=0)
+
+
+@pytest.mark.parametrize("alpha", [0.3, 1.0, 5.0])
+def test_gradient_norms_over_eight_orders_of_magnitude(alpha: float) -> None:
+    """Each task's weight is judged against its own scale (M_ii^(-1/(1+p))), not the largest one's."""
+    rng = np.random.default_rng(11)
+    for _ in range(5):
+        G = (rng.standard_normal((40, 8)) + 2.0) * np.logspace(-4, 4, 8)  # positively correlated
+        out = FairGrad(alpha=alpha)(G.T @ G)
+        assert out.info["fairgrad_converged"] == 1.0 and out.info["fairgrad_unbounded"] == 0.0
+        assert power_residual(G.T @ G, out.coefficients.numpy(), 1 / alpha) <= 1e-9
+
+
+def test_a_pareto_stationary_subset_is_never_reported_converged() -> None:
+    """g_3 = -(g_1 + 2 g_2): some task of the subset has <g_i, d> <= 0 for every w, residual >= 1."""
+    rng = np.random.default_rng(12)
+    for _ in range(5):
+        G = rng.standard_normal((20, 6))
+        G[:, 2] = -(G[:, 0] + 2.0 * G[:, 1])
+        for balancer in (NashMTL(), FairGrad(alpha=0.5), FairGrad(alpha=3.0)):
+            out = balancer(G.T @ G)
+            assert out.info[f"{balancer.name}_converged"] == 0.0
+            assert out.info[f"{balancer.name}_residual"] >= 1.0 - 1e-9
+            assert np.all(np.isfinite(out.coefficients.numpy())) and np.all(out.coefficients.numpy() > 0)
