@@ -2,9 +2,10 @@
 gradient projected onto the dual cone of the task gradients.
 
 c = argmin_{v >= 1/T} v^T M v, so d = G c is the closest vector to g0 = (1/T) sum_i g_i with
-<g_i, d> >= 0 for every task. Solved by `dual_cone.project_dual_cone` (one problem). Regularisation
-as in `upgrad`: TorchJD solves on M / tr(M) + reg_eps I with norm_eps = reg_eps = 1e-4 for quadprog's
-sake; both default to 0 here (the exact projection), and 1e-4, 1e-4 reproduces TorchJD.
+<g_i, d> >= 0 for every task. Solved by `dual_cone.project_one`: `project_dual_cone`'s rounds for one
+problem without the batching. Regularisation as in `upgrad`: TorchJD solves on M / tr(M) + reg_eps I
+with norm_eps = reg_eps = 1e-4 for quadprog's sake; both default to 0 here (the exact projection), and
+1e-4, 1e-4 reproduces TorchJD.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dist_mtl.balancers.base import Balancer
 from dist_mtl.balancers.dual_cone import (
     check_regularization,
     dual_cone_info,
-    project_dual_cone,
+    project_one,
     regularized_gramian,
 )
 from dist_mtl.balancers.solver import DEFAULT_MAX_ITER, DEFAULT_TOL, check_solver_options
@@ -40,10 +41,7 @@ class DualProj(Balancer):
 
     def weights(self, M: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, dict[str, float]]:
         T = M.shape[0]
-        W, solve = project_dual_cone(
-            regularized_gramian(M, self.norm_eps, self.reg_eps),
-            np.full((1, T), 1.0 / T),
-            self.tol,
-            self.max_iter,
+        w, solve = project_one(
+            regularized_gramian(M, self.norm_eps, self.reg_eps), np.full(T, 1.0 / T), self.tol, self.max_iter
         )
-        return W[0], dual_cone_info(solve)
+        return w, dual_cone_info(solve)

@@ -2,6 +2,7 @@
 the properties that a wrong implementation breaks."""
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -10,9 +11,9 @@ from scipy.optimize import nnls
 from torchjd._linalg import QuadprogProjector
 from torchjd.aggregation import CAGradWeighting, DualProjWeighting, IMTLGWeighting, UPGradWeighting
 
-from dist_mtl.balancers import dual_cone
+from dist_mtl.balancers import dual_cone, imtl_g
 from dist_mtl.balancers.cagrad import CAGrad
-from dist_mtl.balancers.dual_cone import project_dual_cone
+from dist_mtl.balancers.dual_cone import project_dual_cone, project_one
 from dist_mtl.balancers.dualproj import DualProj
 from dist_mtl.balancers.imtl_g import IMTLG
 from dist_mtl.balancers.upgrad import UPGrad
@@ -192,6 +193,57 @@ def test_every_solver_path_reaches_the_same_projections(rounds: int, cholesky_fr
             assert np.linalg.norm(G @ W[i] - oracle) <= 1e-7 * np.linalg.norm(G[:, i]), kind
 
 
+def test_single_projection_path_matches_the_batched_solver_and_nnls() -> None:
+    """`project_one` (DualProj's path) against `project_dual_cone` with B = 1 and the NNLS oracle, for the
+    mean and for other bounds u (mixed signs, a single task's e_i)."""
+    for kind in KINDS:
+        for seed in (0, 1):
+            G = gradients(kind, seed)
+            M = G.T @ G
+            T = M.shape[0]
+            rng = np.random.default_rng(seed)
+            for u in (np.full(T, 1.0 / T), rng.standard_normal(T), np.eye(T)[seed]):
+                w, info = project_one(M, u, 1e-10, 10_000)
+                W, batched = project_dual_cone(M, u[None, :], 1e-10, 10_000)
+                assert info.converged and info.unconverged == 0, kind
+                assert info.gap <= 1e-10 and info.violation <= 1e-10, kind
+                assert (w - u).min() >= 0.0, kind
+                scale = np.linalg.norm(G @ u)
+                assert np.linalg.norm(G @ (w - W[0])) <= 1e-9 * scale, kind
+                assert np.linalg.norm(G @ w - nnls_projection(G, G @ u)) <= 1e-7 * scale, kind
+
+
+@pytest.mark.parametrize("how", ["rounds", "not_positive_definite"])
+def test_single_projection_falls_back_to_the_batched_solver(how: str, monkeypatch) -> None:
+    """PDAS cut short (a cycle) or a passive block LAPACK cannot factor: `project_dual_cone` takes over from
+    scratch, its iterations added to the rounds spent; the answer is the same projection."""
+    if how == "rounds":
+        monkeypatch.setattr(dual_cone, "_PDAS_ROUNDS", 1)
+    else:
+        monkeypatch.setattr(dual_cone, "dposv", lambda a, b, *_: (a, b, 1))
+    calls = []
+    batched = dual_cone.project_dual_cone
+    monkeypatch.setattr(dual_cone, "project_dual_cone", lambda *a: calls.append(a) or batched(*a))
+    G = conflicting(7, 30)
+    M = G.T @ G
+    u = np.full(30, 1.0 / 30)
+    w, info = project_one(M, u, 1e-10, 10_000)
+    assert len(calls) == 1 and info.converged and info.iterations > 1
+    assert np.linalg.norm(G @ w - nnls_projection(G, G @ u)) <= 1e-7 * np.linalg.norm(G @ u)
+
+
+def test_dualproj_out_of_iterations_returns_the_feasible_start() -> None:
+    """max_iter = 1: one round, not converged, the start u (w >= u, feasible), flagged and counted."""
+    G = conflicting(6, 40)
+    M = G.T @ G
+    out = DualProj(max_iter=1)(M)
+    assert out.info["solver_converged"] == 0.0 and out.info["solver_unconverged_projections"] == 1.0
+    assert out.info["solver_iterations"] == 1.0 and out.info["solver_violation"] > 0.0
+    np.testing.assert_array_equal(out.coefficients.numpy(), np.full(40, 1 / 40))
+    assert step_events(out.info)["unconverged_solves"] == 1
+    assert DualProj()(M).info["solver_converged"] == 1.0
+
+
 def test_dualproj_is_the_projection_of_the_mean_gradient() -> None:
     for kind in KINDS:
         G = gradients(kind, seed=3)
@@ -226,6 +278,56 @@ def test_cagrad_solves_its_primal() -> None:
 def test_cagrad_with_c_zero_is_the_mean() -> None:
     M = gradients("random").T @ gradients("random")
     np.testing.assert_array_equal(CAGrad(c=0.0)(M).coefficients.numpy(), np.full(12, 1 / 12))
+
+
+def exact_solve(M: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """M^-1 b in rational arithmetic (Gauss-Jordan on the floats' exact values), rounded once at the end."""
+    T = len(b)
+    A = [[Fraction(float(M[i, j])) for j in range(T)] + [Fraction(float(b[i]))] for i in range(T)]
+    for k in range(T):
+        p = max(range(k, T), key=lambda i: abs(A[i][k]))
+        A[k], A[p] = A[p], A[k]
+        for i in range(T):
+            if i != k and A[i][k]:
+                f = A[i][k] / A[k][k]
+                A[i] = [a - f * c for a, c in zip(A[i], A[k], strict=True)]
+    return np.array([float(A[i][T] / A[i][i]) for i in range(T)])
+
+
+def test_imtl_g_routes() -> None:
+    """Full rank and well conditioned: the Cholesky route (rank T), equal to the eigendecomposition's
+    pseudo-inverse; rank deficient or near duplicates: the pseudo-inverse route with its cut-off."""
+    for kind, seed in (("random", 0), ("random", 1), ("spread_norms", 2)):
+        G = gradients(kind, seed)
+        M = G.T @ G
+        Mn = M / M.diagonal().max()
+        n = np.sqrt(Mn.diagonal())
+        v, rank = imtl_g._solve_full_rank(Mn, n)
+        assert v is not None and rank == M.shape[0], kind
+        w, rank = imtl_g._solve_pinv(Mn, n)
+        assert rank == M.shape[0], kind
+        np.testing.assert_allclose(v / v.sum(), w / w.sum(), rtol=1e-9 if kind == "random" else 1e-6)
+    for kind in ("low_rank", "duplicated", "near_duplicates"):
+        G = gradients(kind)
+        M = G.T @ G
+        Mn = M / M.diagonal().max()
+        assert imtl_g._solve_full_rank(Mn, np.sqrt(Mn.diagonal())) == (None, 0), kind
+        assert IMTLG()(M).info["imtl_g_rank"] < M.shape[0], kind
+
+
+def test_imtl_g_is_exact_where_conditioning_is_poor() -> None:
+    """Norms over six decades (cond ~1e10, still the Cholesky route): c to ~1e-15 of the exact rational
+    solution, where the eigendecomposition and TorchJD's SVD pseudo-inverse lose ~cond eps."""
+    G = gradients("spread_norms", 1)
+    M = G.T @ G
+    n = np.sqrt(M.diagonal())
+    v = exact_solve(M, n)
+    exact = v / v.sum()
+    out = IMTLG()(M)
+    assert out.info["imtl_g_rank"] == 8.0 and out.info["imtl_g_residual"] < 1e-12
+    assert np.abs(out.coefficients.numpy() - exact).max() <= 1e-13 * np.abs(exact).max()
+    theirs = IMTLGWeighting()(torch.tensor(M)).numpy()
+    assert np.abs(theirs - exact).max() <= 1e-6 * np.abs(exact).max()  # TorchJD agrees, less closely
 
 
 def test_imtl_g_gives_equal_projections_on_the_unit_gradients() -> None:
