@@ -146,12 +146,13 @@ def project_one(M: np.ndarray, u: np.ndarray, tol: float, max_iter: int) -> tupl
     stopping rule and diagnostics, without the batching.
 
     At T = 40 the work is a few 15 x 15 solves and the cost is NumPy's per-call overhead, so a round
-    here is a dozen calls on the passive set's indices (about 7 us, where the batched code's sorts,
-    padding and masks cost several times that): a gather of P's rows of the ridged M, a Cholesky solve (LAPACK
-    dposv), y off P from those rows, the next P. 4 to 6 rounds on conflicting Gramians at T = 40. A
-    problem still changing after _PDAS_ROUNDS rounds, or a block that is not numerically positive
-    definite, goes to `project_dual_cone` (its Lawson-Hanson fallback and LU solves), which restarts it
-    from scratch. The noise term of the threshold uses an upper bound of sum_k |w_k| n_k (see below).
+    here is a dozen calls on the passive set's indices (about 6 us at T = 40, where the batched code's
+    sorts, padding and masks cost several times that): a gather of P's rows of the ridged M, a Cholesky
+    solve (LAPACK dposv), y off P from those rows, the next P; 4 to 6 rounds on conflicting Gramians at
+    T = 40. A problem that comes back to a passive set it had (a cycle) or still changes after
+    _PDAS_ROUNDS rounds, or a block that is not numerically positive definite, goes to
+    `project_dual_cone` (its Lawson-Hanson fallback and LU solves), which restarts it from scratch. The
+    threshold is fixed at w = u (see below).
     """
     T = u.shape[0]
     d = M.diagonal()
@@ -166,21 +167,21 @@ def project_one(M: np.ndarray, u: np.ndarray, tol: float, max_iter: int) -> tupl
     y0 *= scale
     minus_y0 = -y0
     s = math.sqrt(max(float(u.dot(y0)), 0.0))
-    # y_j's rounding bound 8 T eps n_j sum_k |w_k| n_k (`_threshold`), bounded with w = u + z and n <= 1:
-    # sum_k |w_k| n_k <= sum_k |u_k| n_k + ||z||_1 <= sum_k |u_k| n_k + sqrt(|P| z^T z)
-    noise, base = 8.0 * T * EPS, float(np.abs(u).dot(n))
-    start = passive = y0 < -(tol * s + noise * base) * n
+    # `_threshold` at w = u for every round: tol n_j s + 8 T eps n_j sum_k |u_k| n_k, computed once. Where
+    # |w| >= |u| (DualProj: u > 0 and z >= 0 at the end) it is at least as strict as the rule at w, so a
+    # point it accepts is certified; a cycle it could cause at rounding level goes to the general solver.
+    threshold = -(tol * s + 8.0 * T * EPS * float(np.abs(u).dot(n))) * n
+    start = passive = y0 < threshold
+    seen = {passive.tobytes()}
     lam, used, rounds = None, 0, min(max_iter, _PDAS_ROUNDS)
     while used < rounds:
         used += 1
         idx = passive.nonzero()[0]
         k = idx.size
-        if not k:  # z = 0: P is next the violated set at lam = 0
-            if passive is start:  # none violated at lam = 0: it is the solution
+        if not k:  # z = 0: none violated at the start (the solution), or back to the start (a cycle)
+            if passive is start:
                 lam = np.zeros(T)
-                break
-            passive = start
-            continue
+            break
         rows = Mr.take(idx, axis=0)
         # the block is symmetric: its transpose is the Fortran-ordered array LAPACK takes without a copy;
         # positional (lower, overwrite_a, overwrite_b): f2py parses keywords slowly
@@ -189,16 +190,20 @@ def project_one(M: np.ndarray, u: np.ndarray, tol: float, max_iter: int) -> tupl
             break
         y = np.dot(sol, rows)  # off P (all that is read of y here) the ridge does not enter
         y += y0
-        nxt = y < -(tol * s + noise * (base + math.sqrt(k * float(sol.dot(sol))))) * n
+        nxt = y < threshold
         nxt[idx] = sol > 0.0
-        if nxt.tobytes() == passive.tobytes():  # P unchanged: a certified KKT point, lam_P = z_P > 0
+        key = nxt.tobytes()
+        if key == passive.tobytes():  # P unchanged: a certified KKT point, lam_P = z_P > 0
             lam = np.zeros(T)
             lam[idx] = sol
             break
+        if key in seen:  # a cycle (PDAS can cycle on a general PSD M): the general solver
+            break
+        seen.add(key)
         passive = nxt
     converged = lam is not None
     if not converged:
-        if used < max_iter:  # cycled for _PDAS_ROUNDS rounds, or a block was not positive definite
+        if used < max_iter:  # a cycle, _PDAS_ROUNDS rounds, or a block that is not positive definite
             W, solve = project_dual_cone(M, u[None, :], tol, max_iter - used)
             return W[0], replace(solve, iterations=solve.iterations + used)
         lam = np.zeros(T)  # out of iterations: the start, feasible, as `project_dual_cone` returns it

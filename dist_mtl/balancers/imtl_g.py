@@ -14,13 +14,15 @@ its answer depend on the gradients' scale. Logged: `imtl_g_rank` (eigenvalues ke
 condition holds only in the least-squares sense.
 
 Two routes to the same v. Where M is clearly of full rank, M^+ = M^-1 and v is one Cholesky solve
-(LAPACK dpotrf, dpotrs): about a fifth of the cost of an eigendecomposition at T = 40. "Clearly": the
-factorisation succeeds and LAPACK's estimate of ||M^-1||_1 (dpocon, on M scaled to unit largest
-diagonal, so that lambda_max <= T) is below 1 / (_MARGIN T^2 eps). Since lambda_min >= 1 / ||M^-1||_1
-for a symmetric M, that puts lambda_min above T eps lambda_max (every eigenvalue kept) even if the
-estimate, a lower bound that is in practice within a small factor, were _MARGIN times too small.
-Otherwise (rank deficient, near-duplicate tasks, norms over many decades, an indefinite M from float32
-accumulation) the eigendecomposition applies the cut-off itself.
+(LAPACK dpotrf, dpotrs; with the check below, an eighth of an eigendecomposition's time at T = 40).
+"Clearly": the factorisation succeeds and LAPACK's estimate of ||M^-1||_1 (dpocon, on M scaled to unit
+largest diagonal, so that lambda_max <= T) is below 1 / (_MARGIN T^2 eps). Since lambda_min >=
+1 / ||M^-1||_1 for a symmetric M, that puts lambda_min above T eps lambda_max (every eigenvalue kept)
+even if the estimate, a lower bound that is in practice within a small factor, were _MARGIN times too
+small. Otherwise (rank deficient, near-duplicate tasks, norms over many decades, an indefinite M from
+float32 accumulation) the eigendecomposition applies the cut-off itself. The Cholesky route is also the
+more accurate one: backward stable, where the eigendecomposition (and TorchJD's SVD) lose up to
+cond(M) eps in c.
 """
 
 from __future__ import annotations

@@ -232,6 +232,22 @@ def test_single_projection_falls_back_to_the_batched_solver(how: str, monkeypatc
     assert np.linalg.norm(G @ w - nnls_projection(G, G @ u)) <= 1e-7 * np.linalg.norm(G @ u)
 
 
+def test_single_projection_detects_a_cycle(monkeypatch) -> None:
+    """Near-duplicate tasks make PDAS come back to a passive set it had: the general solver takes over at
+    once rather than after _PDAS_ROUNDS rounds, and finds the projection."""
+    spent = []
+    batched = dual_cone.project_dual_cone
+    monkeypatch.setattr(
+        dual_cone, "project_dual_cone", lambda M, U, tol, n: spent.append(10_000 - n) or batched(M, U, tol, n)
+    )
+    G = gradients("near_duplicates", 1)
+    M = G.T @ G
+    u = np.full(12, 1.0 / 12)
+    w, info = project_one(M, u, 1e-10, 10_000)
+    assert len(spent) == 1 and spent[0] < dual_cone._PDAS_ROUNDS and info.converged
+    assert np.linalg.norm(G @ w - nnls_projection(G, G @ u)) <= 1e-7 * np.linalg.norm(G @ u)
+
+
 def test_dualproj_out_of_iterations_returns_the_feasible_start() -> None:
     """max_iter = 1: one round, not converged, the start u (w >= u, feasible), flagged and counted."""
     G = conflicting(6, 40)
