@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from dist_mtl.balancers import Balancer, balancer_options, build_balancer, with_levers
-from dist_mtl.config import RunConfig
+from dist_mtl.balancers import Balancer, build_balancer, with_levers
+from dist_mtl.config import RunConfig, balancer_kwargs
 from dist_mtl.data import BatchSource, MemorySource, MultiTaskDataset, build_dataset, dataset_options
 from dist_mtl.errors import ConfigError
 from dist_mtl.models import MultiTaskModel, build_model
@@ -63,7 +63,7 @@ def build_balancer_for(cfg: RunConfig) -> Balancer:
     """The configured balancer, given every config field its constructor takes, wrapped by the levers
     balancer.task_sample and balancer.update_every when they are on (`dist_mtl.balancers.levers`)."""
     b = cfg.balancer
-    inner = build_balancer(b.name, **{k: getattr(b, k) for k in balancer_options(b.name) if hasattr(b, k)})
+    inner = build_balancer(b.name, **balancer_kwargs(b))
     return with_levers(inner, update_every=b.update_every, task_sample=b.task_sample, seed=b.seed)
 
 

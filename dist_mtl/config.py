@@ -18,7 +18,9 @@ from typing import Any
 
 import yaml
 
-from dist_mtl.balancers import BALANCER_NAMES, balancer_needs_gramian, balancer_options
+from dist_mtl.balancers import BALANCER_NAMES, balancer_needs_gramian, balancer_options, build_balancer
+from dist_mtl.balancers.aligned_mtl import SCALE_MODES
+from dist_mtl.balancers.cagrad import DEFAULT_C
 from dist_mtl.balancers.dwa import DEFAULT_TEMPERATURE
 from dist_mtl.balancers.famo import DEFAULT_FAMO_GAMMA, DEFAULT_FAMO_LR
 from dist_mtl.balancers.getmtl import DEFAULT_EPS, DEFAULT_MAX_SCALE
@@ -79,18 +81,29 @@ class ModelConfig:
 
 @dataclass
 class BalancerConfig:
-    # uniform | mgda | getmtl | mamg (Gramian balancers) | famo | uw | dwa | rlw (loss balancers: no
-    # Gramian, one backward of sum_t c_t L_t per step)
+    # Gramian balancers: uniform | mgda | getmtl | mamg | upgrad | dualproj | pcgrad | cagrad | imtl_g |
+    # aligned_mtl | fairgrad | nash_mtl; loss balancers (no Gramian, one backward of sum_t c_t L_t per
+    # step): famo | uw | dwa | rlw
     name: str = "mgda"
     normalization: str = "none"  # mgda / getmtl: gradient normalisation none | l2 | loss | loss+
     apply: str = "adopted"  # mgda: "adopted" (c = a / n) or "official" (c = a, as the official code)
     eps: float = DEFAULT_EPS  # getmtl: trade-off radius in (0, 1]
     max_scale: float = DEFAULT_MAX_SCALE  # getmtl: cap (> 1) on the factor 1 / (1 - eps ||g0||)
-    # mamg: seed of the per-step random task order; rlw: of the random weights; task_sample: of the
-    # random subsets
+    # mamg / pcgrad: seed of the per-step random task orders; rlw: of the random weights; task_sample:
+    # of the random subsets
     seed: int = 0
-    tol: float = DEFAULT_TOL  # min-norm solver: relative duality-gap tolerance
-    max_iter: int = DEFAULT_MAX_ITER  # min-norm solver: iteration cap (affine solves)
+    # The solver's relative tolerance and iteration cap (mgda / getmtl / cagrad: min-norm and simplex
+    # QPs; upgrad / dualproj: dual-cone projections). fairgrad / nash_mtl keep their Newton solver's
+    # own defaults (1e-12, 100 iterations) unless these are set away from the values here
+    tol: float = DEFAULT_TOL
+    max_iter: int = DEFAULT_MAX_ITER
+    # upgrad / dualproj: TorchJD's regularisation of the dual-cone QPs (0 = the exact projection; TorchJD
+    # uses 1e-4 for both): normalise M by its trace when above norm_eps, add reg_eps * I
+    norm_eps: float = 0.0
+    reg_eps: float = 0.0
+    c: float = DEFAULT_C  # cagrad: radius (>= 0) of the ball around the mean gradient; 0 = the mean
+    scale_mode: str = "min"  # aligned_mtl: eigenvalue that scales the aligned gradients: min | median | rmse
+    alpha: float = 1.0  # fairgrad: alpha-fairness (> 0); 1 = proportional fairness (Nash-MTL's equation)
     famo_lr: float = DEFAULT_FAMO_LR  # famo: step size (> 0) of the task logits' update
     famo_gamma: float = DEFAULT_FAMO_GAMMA  # famo: decay (>= 0) of the task logits
     uw_lr: float = DEFAULT_UW_LR  # uw: Adam learning rate (> 0) of the log-variances s_t
@@ -206,6 +219,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "balancer.name": BALANCER_NAMES,
     "balancer.normalization": NORMALIZATIONS,
     "balancer.apply": APPLY_MODES,
+    "balancer.scale_mode": SCALE_MODES,
     "optim.name": tuple(OPTIMIZER_OPTIONS),
     "train.mode": ("exact", "rep"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -348,6 +362,22 @@ def _check_relations(cfg: RunConfig) -> None:
         raise ConfigError("run_dir must not be empty")
     check_batch_fits(cfg, known_train_size(cfg))
     _check_task_sample(cfg)
+    try:  # each balancer checks its own options' ranges, naming the field (balancer.c must be >= 0 ...)
+        build_balancer(cfg.balancer.name, **balancer_kwargs(cfg.balancer))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def balancer_kwargs(b: BalancerConfig) -> dict[str, Any]:
+    """The options the balancer `b.name` takes, as configured. A field left at its config default is
+    not passed, so the balancer keeps its own default (fairgrad's Newton tolerance is not the min-norm
+    solver's); for every other balancer the two defaults are the same."""
+    defaults = BalancerConfig()
+    return {
+        k: getattr(b, k)
+        for k in balancer_options(b.name)
+        if hasattr(b, k) and getattr(b, k) != getattr(defaults, k)
+    }
 
 
 def _check_task_sample(cfg: RunConfig) -> None:

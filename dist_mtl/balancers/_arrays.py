@@ -17,7 +17,9 @@ def as_gramian(M: ArrayLike, name: str = "M") -> np.ndarray:
         raise ValueError(f"{name} must be a non-empty square (T, T) matrix; got shape {tuple(arr.shape)}")
     if not np.isfinite(arr).all():
         raise ValueError(f"{name} must be finite; got NaN or inf entries")
-    return 0.5 * (arr + arr.T)
+    symmetric = arr + arr.T  # a new array: the caller's M is never written
+    symmetric *= 0.5
+    return symmetric
 
 
 def as_losses(losses: ArrayLike | None, num_tasks: int, name: str = "losses") -> np.ndarray:

@@ -68,6 +68,23 @@ class PowerSolveInfo:
         }
 
 
+# A residual this large means some task's <g_i, d> is far from its target 1 / w_i^p: no solution, not
+# a slow one (a Pareto-stationary subset keeps it >= 1).
+_NO_SOLUTION_RESIDUAL = 0.5
+
+
+def power_weights(M: np.ndarray, p: float, tol: float, max_iter: int, prefix: str) -> tuple[np.ndarray, dict]:
+    """Coefficients for FairGrad / Nash-MTL: the solution of M w = w^(-p), or, when there is none (a
+    Pareto-stationary subset: `unbounded`, or a residual >= 0.5 on stopping), the documented fallback
+    uniform 1/T with `<prefix>_fallback` = 1: the last iterate's huge, cancelling weights would make d
+    rounding noise. Unconverged but close iterates are kept (`<prefix>_converged` = 0 says so)."""
+    w, info = solve_power_equation(M, p, tol, max_iter)
+    fallback = not info.converged and (info.unbounded or not info.residual < _NO_SOLUTION_RESIDUAL)
+    if fallback:
+        w = np.full(M.shape[0], 1.0 / M.shape[0])
+    return w, {**info.as_info(prefix), f"{prefix}_fallback": float(fallback)}
+
+
 def power_residual(M: np.ndarray, w: np.ndarray, p: float) -> float:
     """max_i |(M w)_i w_i^p - 1|: the equation's relative (forward) residual, 0 at the solution."""
     return float(np.max(np.abs((M @ w) * w**p - 1.0)))
@@ -111,7 +128,9 @@ def solve_power_equation(
         H.flat[:: T + 1] += p * rhs / u
         d = 1.0 / np.sqrt(np.diag(H))
         try:
-            factor = scipy.linalg.cho_factor(H * np.outer(d, d), lower=True, check_finite=False)
+            # Row then column scaling: |H_ij| d_i d_j <= 1, while np.outer(d, d) alone can overflow.
+            scaled = H * d[:, None] * d[None, :]
+            factor = scipy.linalg.cho_factor(scaled, lower=True, check_finite=False)
             direction = -d * scipy.linalg.cho_solve(factor, d * grad, check_finite=False)
         except np.linalg.LinAlgError:  # H is PD in exact arithmetic; rounding only: use the diagonal
             direction = -grad / np.diag(H)

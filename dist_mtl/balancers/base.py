@@ -65,15 +65,17 @@ class Balancer(ABC):
         """
         gramian = as_gramian(M)
         task_losses = as_losses(losses, gramian.shape[0]) if self.needs_losses else None
-        active = np.diag(gramian) > 0.0
-        if active.all() or not active.any():  # nothing to leave out, or nothing would remain
+        T = gramian.shape[0]
+        active = gramian.diagonal() > 0.0
+        kept = int(np.count_nonzero(active))
+        if kept in (T, 0):  # nothing to leave out, or nothing would remain
             coefficients, info = self.weights(gramian, task_losses)
         else:
             sub_losses = None if task_losses is None else task_losses[active]
             sub, info = self.weights(gramian[np.ix_(active, active)], sub_losses)
-            coefficients = np.zeros(gramian.shape[0])
+            coefficients = np.zeros(T)
             coefficients[active] = sub
-        info = {**info, "degenerate_zero_gradient_tasks": float((~active).sum()) if active.any() else 0.0}
+        info = {**info, "degenerate_zero_gradient_tasks": float(T - kept) if kept else 0.0}
         return BalancerOutput(to_torch(coefficients), {k: float(v) for k, v in info.items()})
 
     @abstractmethod

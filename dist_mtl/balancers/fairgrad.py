@@ -11,8 +11,9 @@ tolerances (1e-8 on the cost and the step) and tells the caller nothing; on near
 Gramians its residual max_i |(M w)_i w_i^(1/alpha) - 1| was 1e-4 to 7 where ours was at the rounding
 floor. There is no positive solution when a subset of the tasks is Pareto stationary; then
 `fairgrad_converged` = 0 (with `fairgrad_unbounded` = 1 once the weights pass the bound; for alpha < 1
-the objective flattens and the solver may stall below it) and the weights are the last iterate
-(module doc of `_power_equation`). alpha = 0 (TorchJD's uniform special case) is not accepted: it is
+the objective flattens and the solver may stall below it); with no solution (unbounded, or a residual
+>= 0.5) the step takes the documented fallback, uniform 1/T (`fairgrad_fallback` = 1;
+`_power_equation.power_weights`). alpha = 0 (TorchJD's uniform special case) is not accepted: it is
 the `uniform` balancer up to a factor.
 """
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dist_mtl.balancers._power_equation import solve_power_equation
+from dist_mtl.balancers._power_equation import power_weights
 from dist_mtl.balancers.base import Balancer
 from dist_mtl.balancers.solver import check_solver_options
 
@@ -45,8 +46,7 @@ class FairGrad(Balancer):
         check_solver_options(self.tol, self.max_iter, prefix="balancer.")
 
     def weights(self, M: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, dict[str, float]]:
-        w, info = solve_power_equation(M, 1.0 / self.alpha, self.tol, self.max_iter)
-        return w, info.as_info("fairgrad")
+        return power_weights(M, 1.0 / self.alpha, self.tol, self.max_iter, "fairgrad")
 
 
 def check_alpha(alpha: object) -> None:

@@ -8,8 +8,8 @@ at most 20 CCP steps and, when the cvxpy solve raises, silently keeps the previo
 #21); its stop test checks the equation on the Frobenius-normalised Gramian, a different equation
 unless ||M||_F = 1. Here a failed solve is never silent: `nash_mtl_converged` = 0. There is no
 solution when a subset of the tasks is Pareto stationary (0 in the convex hull of their gradients:
-e.g. g_2 = -g_1); then also `nash_mtl_unbounded` = 1 once the weights pass the bound, and the weights
-are that iterate (module doc of `_power_equation`).
+e.g. g_2 = -g_1); then also `nash_mtl_unbounded` = 1 once the weights pass the bound, and the step
+takes the documented fallback, uniform 1/T (`nash_mtl_fallback` = 1; `_power_equation.power_weights`).
 
 Differences from the released code and TorchJD, on purpose: (1) the exact solution instead of up to 20
 CCP steps (so the step's norm is exactly ||d|| = sqrt(T), since alpha^T M alpha = sum_i alpha_i
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dist_mtl.balancers._power_equation import solve_power_equation
+from dist_mtl.balancers._power_equation import power_weights
 from dist_mtl.balancers.base import Balancer
 from dist_mtl.balancers.solver import check_solver_options
 
@@ -47,5 +47,4 @@ class NashMTL(Balancer):
         check_solver_options(self.tol, self.max_iter, prefix="balancer.")
 
     def weights(self, M: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, dict[str, float]]:
-        alpha, info = solve_power_equation(M, 1.0, self.tol, self.max_iter)
-        return alpha, info.as_info("nash_mtl")
+        return power_weights(M, 1.0, self.tol, self.max_iter, "nash_mtl")

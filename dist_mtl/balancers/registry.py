@@ -5,14 +5,22 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
+from dist_mtl.balancers.aligned_mtl import AlignedMTL
 from dist_mtl.balancers.base import Balancer, LossBalancer
+from dist_mtl.balancers.cagrad import CAGrad
+from dist_mtl.balancers.dualproj import DualProj
 from dist_mtl.balancers.dwa import DWA
+from dist_mtl.balancers.fairgrad import FairGrad
 from dist_mtl.balancers.famo import FAMO
 from dist_mtl.balancers.getmtl import GetMTL
+from dist_mtl.balancers.imtl_g import IMTLG
 from dist_mtl.balancers.mamg import MAMG
 from dist_mtl.balancers.mgda import MGDA
+from dist_mtl.balancers.nash_mtl import NashMTL
+from dist_mtl.balancers.pcgrad import PCGrad
 from dist_mtl.balancers.rlw import RLW
 from dist_mtl.balancers.uniform import Uniform
+from dist_mtl.balancers.upgrad import UPGrad
 from dist_mtl.balancers.uw import UW
 
 _REGISTRY: dict[str, type[Balancer]] = {
@@ -20,6 +28,14 @@ _REGISTRY: dict[str, type[Balancer]] = {
     "mgda": MGDA,
     "getmtl": GetMTL,
     "mamg": MAMG,
+    "upgrad": UPGrad,
+    "dualproj": DualProj,
+    "pcgrad": PCGrad,
+    "cagrad": CAGrad,
+    "imtl_g": IMTLG,
+    "aligned_mtl": AlignedMTL,
+    "fairgrad": FairGrad,
+    "nash_mtl": NashMTL,
     # Loss-based balancers (no Gramian: one backward of sum_t c_t L_t per step).
     "famo": FAMO,
     "uw": UW,

@@ -162,29 +162,31 @@ def load(path: Path) -> dict[str, Any]:
     return {**ckpt, "history": json.loads(ckpt["history"]), "config": config}
 
 
-def compare(actual: Any, expected: Any, where: str = "") -> list[str]:
-    """Differences between two checkpoint trees: tensors within (RTOL, ATOL), everything else equal."""
+def compare(actual: Any, expected: Any, where: str = "", rtol: float = RTOL, atol: float = ATOL) -> list[str]:
+    """Differences between two checkpoint trees: tensors within (rtol, atol), everything else equal."""
     if isinstance(expected, dict):
         if not isinstance(actual, dict) or set(actual) != set(expected):
             return [f"{where}: keys {sorted(map(str, actual))} != {sorted(map(str, expected))}"]
-        return [d for key in expected for d in compare(actual[key], expected[key], f"{where}/{key}")]
+        return [
+            d for key in expected for d in compare(actual[key], expected[key], f"{where}/{key}", rtol, atol)
+        ]
     if isinstance(expected, list | tuple):
         if len(actual) != len(expected):
             return [f"{where}: length {len(actual)} != {len(expected)}"]
         return [
             d
             for i, (a, e) in enumerate(zip(actual, expected, strict=True))
-            for d in compare(a, e, f"{where}[{i}]")
+            for d in compare(a, e, f"{where}[{i}]", rtol, atol)
         ]
     if isinstance(expected, torch.Tensor):
         if actual.shape != expected.shape:
             return [f"{where}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"]
-        if not torch.allclose(actual.double(), expected.double(), rtol=RTOL, atol=ATOL):
+        if not torch.allclose(actual.double(), expected.double(), rtol=rtol, atol=atol):
             err = (actual.double() - expected.double()).abs().max()
             return [f"{where}: max abs difference {float(err):.3g}"]
         return []
     if isinstance(expected, float):
-        close = math.isclose(actual, expected, rel_tol=RTOL, abs_tol=ATOL)
+        close = math.isclose(actual, expected, rel_tol=rtol, abs_tol=atol)
         return [] if close else [f"{where}: {actual!r} != {expected!r}"]
     return [] if actual == expected else [f"{where}: {actual!r} != {expected!r}"]
 

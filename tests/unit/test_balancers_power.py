@@ -188,7 +188,8 @@ def test_gradient_norms_over_eight_orders_of_magnitude(alpha: float) -> None:
 
 
 def test_a_pareto_stationary_subset_is_never_reported_converged() -> None:
-    """g_3 = -(g_1 + 2 g_2): some task of the subset has <g_i, d> <= 0 for every w, residual >= 1."""
+    """g_3 = -(g_1 + 2 g_2): some task of the subset has <g_i, d> <= 0 for every w, residual >= 1, and
+    the step falls back to uniform weights."""
     rng = np.random.default_rng(12)
     for _ in range(5):
         G = rng.standard_normal((20, 6))
@@ -196,5 +197,7 @@ def test_a_pareto_stationary_subset_is_never_reported_converged() -> None:
         for balancer in (NashMTL(), FairGrad(alpha=0.5), FairGrad(alpha=3.0)):
             out = balancer(G.T @ G)
             assert out.info[f"{balancer.name}_converged"] == 0.0
-            assert out.info[f"{balancer.name}_residual"] >= 1.0 - 1e-9
-            assert np.all(np.isfinite(out.coefficients.numpy())) and np.all(out.coefficients.numpy() > 0)
+            assert out.info[f"{balancer.name}_residual"] >= 1.0 - 1e-5  # 1 up to the iterate's rounding
+            # No solution: the documented fallback, uniform weights, not the last iterate's huge ones.
+            assert out.info[f"{balancer.name}_fallback"] == 1.0
+            np.testing.assert_array_equal(out.coefficients.numpy(), np.full(6, 1.0 / 6))
