@@ -22,12 +22,12 @@ per adopted step (`Balancer.advance`, called by `solve.solve_on_host`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
 from dist_mtl.balancers.base import Balancer
+from dist_mtl.balancers.seeded import SeededSteps
 
 _FOLD_BELOW = 1e-100  # fold s_i into v_i before 1 / s_i can overflow
 
@@ -80,38 +80,11 @@ def clip_coefficients(M: np.ndarray, orders: np.ndarray) -> tuple[np.ndarray, in
 
 
 @dataclass
-class MAMG(Balancer):
+class MAMG(SeededSteps, Balancer):
     """Mean of the clipped gradients with the orders for (seed, step); `advance` moves to the next step."""
 
-    seed: int = 0
-    step: int = field(default=0, init=False)
-
     name = "mamg"
-
-    def __post_init__(self) -> None:
-        _check_seed(self.seed)
 
     def weights(self, M: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, dict[str, float]]:
         B, clips, conflicts = clip_coefficients(M, task_orders(M.shape[0], self.seed, self.step))
         return B.mean(axis=0), {"mamg_clips": float(clips), "mamg_conflicts": float(conflicts)}
-
-    def advance(self) -> None:
-        """The next step draws new orders; skipped steps do not advance (their call is discarded)."""
-        self.step += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "step": self.step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"seed", "step"}:
-            raise ValueError(f"mamg state must have keys seed, step; got {sorted(state)}")
-        step = state["step"]
-        if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
-            raise ValueError(f"mamg state step must be an integer >= 0; got {step!r}")
-        _check_seed(state["seed"])
-        self.seed, self.step = int(state["seed"]), int(step)
-
-
-def _check_seed(seed: Any) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"balancer.seed must be an integer >= 0; got {seed!r}")

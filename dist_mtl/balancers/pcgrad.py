@@ -21,13 +21,13 @@ products come from one product B M per block of rounds and, inside a block, from
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
 from dist_mtl.balancers.base import Balancer
-from dist_mtl.balancers.mamg import _check_seed, task_orders
+from dist_mtl.balancers.mamg import task_orders
+from dist_mtl.balancers.seeded import SeededSteps
 
 
 def project_coefficients(
@@ -66,33 +66,11 @@ def project_coefficients(
 
 
 @dataclass
-class PCGrad(Balancer):
+class PCGrad(SeededSteps, Balancer):
     """Sum of the projected gradients with the orders for (seed, step); `advance` moves to the next step."""
 
-    seed: int = 0
-    step: int = field(default=0, init=False)
-
     name = "pcgrad"
-
-    def __post_init__(self) -> None:
-        _check_seed(self.seed)
 
     def weights(self, M: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, dict[str, float]]:
         B, projections = project_coefficients(M, task_orders(M.shape[0], self.seed, self.step))
         return B.sum(axis=0), {"pcgrad_projections": float(projections)}
-
-    def advance(self) -> None:
-        """The next step draws new orders; skipped steps do not advance (their call is discarded)."""
-        self.step += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "step": self.step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"seed", "step"}:
-            raise ValueError(f"pcgrad state must have keys seed, step; got {sorted(state)}")
-        step = state["step"]
-        if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
-            raise ValueError(f"pcgrad state step must be an integer >= 0; got {step!r}")
-        _check_seed(state["seed"])
-        self.seed, self.step = int(state["seed"]), int(step)

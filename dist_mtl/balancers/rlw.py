@@ -10,13 +10,13 @@ State (checkpointed): seed and step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from dist_mtl.balancers.base import LossBalancer
-from dist_mtl.balancers.mamg import _check_seed
+from dist_mtl.balancers.seeded import SeededSteps
 
 
 def rlw_draw(num_tasks: int, seed: int, step: int) -> np.ndarray:
@@ -26,16 +26,10 @@ def rlw_draw(num_tasks: int, seed: int, step: int) -> np.ndarray:
 
 
 @dataclass
-class RLW(LossBalancer):
+class RLW(SeededSteps, LossBalancer):
     """c = softmax of a fresh standard normal draw (over the tasks with a label in the batch)."""
 
-    seed: int = 0
-    step: int = field(default=0, init=False)
-
     name = "rlw"
-
-    def __post_init__(self) -> None:
-        _check_seed(self.seed)
 
     def loss_weights(
         self, losses: np.ndarray, active: np.ndarray
@@ -47,15 +41,3 @@ class RLW(LossBalancer):
 
     def take(self, pending: Any) -> None:
         self.step = int(pending)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "step": self.step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"seed", "step"}:
-            raise ValueError(f"rlw state must have keys seed, step; got {sorted(state)}")
-        step = state["step"]
-        if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
-            raise ValueError(f"rlw state step must be an integer >= 0; got {step!r}")
-        _check_seed(state["seed"])
-        self.seed, self.step = int(state["seed"]), int(step)
