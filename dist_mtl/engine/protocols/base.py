@@ -24,7 +24,7 @@ from dist_mtl.engine.traffic import F32, F64, StepShape, broadcast_bytes, reduce
 from dist_mtl.models import MultiTaskModel
 from dist_mtl.observe import StepRecorder
 from dist_mtl.reference import StepResult
-from dist_mtl.solve import LOSSES
+from dist_mtl.solve import LOSSES, Solution
 
 if TYPE_CHECKING:  # layout imports the registry (PROTOCOL_MODE), so only for annotations here
     from dist_mtl.engine.layout import Layout
@@ -74,6 +74,30 @@ class Protocol(ABC):
     @abstractmethod
     def __call__(self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder) -> StepResult:
         """One training step on this rank's part (x, y) of the global batch (`Engine.data_part`)."""
+
+
+def coefficients_from_losses(
+    comm: Comm,
+    coordinator: Coordinator,
+    loss_buffer: torch.Tensor,
+    group: Group,
+    kind: str,
+    kept: torch.Tensor | None,
+    rec: StepRecorder,
+) -> tuple[Solution | None, torch.Tensor]:
+    """The coefficients of a one-backward step. LOSSES: `loss_buffer` (this rank's losses in place,
+    zeros elsewhere) is reduced over `group` onto the coordinator, which solves and broadcasts c;
+    returns (its Solution, c), and a skipped Solution (non-finite losses) ends the step. REUSE: (None,
+    the kept coefficients)."""
+    if kind != LOSSES:
+        assert kept is not None
+        return None, kept
+    with rec.phase("exchange"):
+        comm.reduce(loss_buffer, group, dst=0)
+    solved, c = coordinator.solve(None, loss_buffer if coordinator.is_coordinator else None, rec)
+    if solved.skipped:
+        solved.info.update({"step/gramian": 0.0, "step/encoder_backwards": 0.0})
+    return solved, c
 
 
 def loss_solve_bytes(shape: StepShape, rank: int) -> tuple[int, int]:

@@ -31,14 +31,13 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_mtl.engine.protocols.base import Protocol, StepContext, loss_solve_bytes
+from dist_mtl.engine.protocols.base import Protocol, StepContext, coefficients_from_losses, loss_solve_bytes
 from dist_mtl.engine.traffic import F32, StepShape, all_reduce_bytes, total
 from dist_mtl.gradients import FlatGradBuffer, labelled_counts, task_loss_list
 from dist_mtl.observe import StepRecorder
 from dist_mtl.reference import StepResult, finite_check, representation_forward, weighted_backward
 from dist_mtl.solve import (
     GRAMIAN,
-    LOSSES,
     Solution,
     mark_gramian_step,
     single_backward_solution,
@@ -185,21 +184,14 @@ class TaskParallelProtocol(Protocol):
         with rec.phase("forward"):
             z, z_leaf, parts = representation_forward(self.model, x, y, self.owned, counts)
             losses = torch.stack(parts).detach()
-        solved = None
-        if kind == LOSSES:
-            with rec.phase("exchange"):
-                self.loss_buffer.zero_()
-                self.loss_buffer[own] = losses
-                self.comm.reduce(self.loss_buffer, self.groups.world, dst=0)
-            root = self.coordinator.is_coordinator
-            solved, c = self.coordinator.solve(None, self.loss_buffer if root else None, rec)
-            if solved.skipped:
-                solved.info.update({"step/gramian": 0.0, "step/encoder_backwards": 0.0})
-                return solved
-            coefficients = solved.coefficients
-        else:
-            assert kept is not None
-            coefficients = c = kept
+        self.loss_buffer.zero_()
+        self.loss_buffer[own] = losses
+        solved, c = coefficients_from_losses(
+            self.comm, self.coordinator, self.loss_buffer, self.groups.world, kind, kept, rec
+        )
+        if solved is not None and solved.skipped:
+            return solved
+        coefficients = c if solved is None else solved.coefficients
         with rec.phase("backward"):
             weighted_backward(z, z_leaf, parts, c[own].to(self.device), self.shared_grad, self.head_grad)
         t = self.num_tasks
