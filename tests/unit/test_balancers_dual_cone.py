@@ -193,6 +193,86 @@ def test_every_solver_path_reaches_the_same_projections(rounds: int, cholesky_fr
             assert np.linalg.norm(G @ W[i] - oracle) <= 1e-7 * np.linalg.norm(G[:, i]), kind
 
 
+def no_cholesky(*args, **kwargs):
+    raise np.linalg.LinAlgError("not positive definite")
+
+
+@pytest.mark.parametrize(
+    ("tail", "split_cost", "lu", "cholesky_from"),
+    [
+        (0, 0.0, False, 96),
+        (0, 1e30, False, 96),
+        (10_000, 1e30, False, 96),
+        (0, 0.0, True, 96),
+        (10_000, 1e30, True, 96),
+        (0, 1e30, False, 1),
+        (0, 1e30, True, 1),
+    ],
+)
+def test_gathered_and_per_problem_rounds_reach_the_nnls_projections(
+    tail: int, split_cost: float, lu: bool, cholesky_from: int, monkeypatch
+) -> None:
+    """The paths of the primal-dual rounds: gathered blocks in one padded chunk or split by |P|
+    (split_cost 0: whenever sizes differ), the problems left finished one at a time (tail 10_000: every
+    problem from the first round), every block gathered and solved alone (cholesky_from 1: the large-T
+    path), and the LU fallbacks where Cholesky (batched) or dposv (one block) reports a block that is
+    not positive definite. Each reaches NNLS's projections."""
+    monkeypatch.setattr(dual_cone, "_TAIL", tail)
+    monkeypatch.setattr(dual_cone, "_SPLIT_COST", split_cost)
+    monkeypatch.setattr(dual_cone, "_CHOLESKY_FROM", cholesky_from)
+    if lu:
+        monkeypatch.setattr(dual_cone.np.linalg, "cholesky", no_cholesky)
+        monkeypatch.setattr(dual_cone, "dposv", lambda a, b, *_: (a, b, 1))
+    cases = [gradients(kind, seed=1) for kind in KINDS] + [conflicting(3, 40)]
+    for G in cases:
+        M = G.T @ G
+        T = M.shape[0]
+        W, info = project_dual_cone(M, np.eye(T), 1e-10, 10_000)
+        assert info.converged and info.gap <= 1e-10 and info.violation <= 1e-10
+        assert (W - np.eye(T)).min() >= 0.0
+        for i in range(T):
+            oracle = nnls_projection(G, G[:, i])
+            assert np.linalg.norm(G @ W[i] - oracle) <= 1e-7 * np.linalg.norm(G[:, i])
+
+
+def test_gathered_blocks_agree_with_the_masked_blocks(monkeypatch) -> None:
+    """`_solve_gathered` (flat gathers, Cholesky) against `_solve_passive` (masks, LU) on the same passive
+    sets; whole solves through the rounds and through Lawson-Hanson alone agree to rounding at T = 40."""
+    G = conflicting(4, 40)
+    M = G.T @ G
+    Mn = M / M.diagonal().max()
+    rng = np.random.default_rng(0)
+    passive = rng.random((40, 40)) < 0.45
+    passive[0] = False  # an empty passive set: z = 0
+    Y0 = rng.standard_normal((40, 40))
+    rhs = np.hstack([-Y0, np.zeros_like(Y0)])
+    gathered = dual_cone._solve_gathered(
+        dual_cone._bordered(dual_cone._ridged(Mn)), rhs, passive, passive.sum(axis=1)
+    )
+    masked = dual_cone._solve_passive(Mn, Y0, passive)
+    assert not gathered[0].any() and not gathered[~passive].any()
+    np.testing.assert_allclose(gathered, masked, rtol=1e-9, atol=1e-9 * np.abs(masked).max())
+    W, info = project_dual_cone(M, np.eye(40), 1e-10, 10_000)
+    monkeypatch.setattr(dual_cone, "_PDAS_ROUNDS", 0)  # every problem in Lawson-Hanson (masked blocks)
+    W_masked, info_masked = project_dual_cone(M, np.eye(40), 1e-10, 10_000)
+    assert info.converged and info_masked.converged
+    n = np.linalg.norm(G, axis=0)
+    assert np.linalg.norm(G @ (W - W_masked).T, axis=0).max() <= 1e-10 * n.max()
+
+
+def test_upgrad_at_forty_tasks_equals_torchjd_without_its_ridge() -> None:
+    """T = 40, strongly conflicting (bench/solvers.py's regime): quadprog on M / tr(M) with reg_eps 0,
+    the exact projection, gives the same coefficients."""
+    for seed in (0, 1):
+        G = conflicting(seed, 40)
+        M = G.T @ G
+        projector = QuadprogProjector(norm_eps=0.0, reg_eps=0.0)
+        expected = UPGradWeighting(projector=projector)(torch.tensor(M)).numpy()
+        out = UPGrad()(M)
+        assert out.info["solver_converged"] == 1.0
+        np.testing.assert_allclose(out.coefficients.numpy(), expected, rtol=1e-6, atol=1e-9 * expected.max())
+
+
 def test_single_projection_path_matches_the_batched_solver_and_nnls() -> None:
     """`project_one` (DualProj's path) against `project_dual_cone` with B = 1 and the NNLS oracle, for the
     mean and for other bounds u (mixed signs, a single task's e_i)."""
