@@ -254,16 +254,16 @@ def _primal_dual(
     """Primal-dual active set rounds: P <- {j in P: z_j > 0} + {j not in P: y_j < -threshold}.
 
     A round whose P does not change has z >= 0 and y >= -threshold: the KKT point, certified. Writes
-    the solved problems' lam and P; returns the problems still running and the rounds used.
+    the solved problems' lam and the running problems' P; returns the problems still running and the
+    rounds used.
     """
     B, T = Y0.shape
     todo = np.arange(B)
     passive[:] = -_threshold(U, n, s, tol) > Y0  # the start: every constraint violated at lam = 0
-    # the running problems' rows, compacted as problems finish; rhs: -(M u) bordered by zeros
-    pt, y0, u, st = passive.copy(), Y0, U, s
-    rhs = np.zeros((B, 2 * T))
-    np.negative(Y0, out=rhs[:, :T])
-    ridged = gather = None  # Mn ridged, and bordered by an identity for `_solve_gathered`, when first used
+    pt, y0, u, st = passive.copy(), Y0, U, s  # the running problems' rows, compacted as problems finish
+    # Mn ridged, and (for `_solve_gathered`) bordered by an identity with rhs = -(M u) bordered by zeros,
+    # built when first used (rhs is (B, 2T): only for the small blocks)
+    ridged = gather = rhs = None
     used = 0
     while len(todo) and used < rounds:
         if len(todo) <= _TAIL:  # a few problems left: per-problem rounds cost less than batched ones
@@ -283,8 +283,11 @@ def _primal_dual(
         K = int(sizes.max())
         if K < _CHOLESKY_FROM and len(todo) * K * K <= _CHUNK_ENTRIES:
             if gather is None:
-                ridged = _ridged(Mn)
+                ridged = _ridged(Mn) if ridged is None else ridged
                 gather = _bordered(ridged)
+            if rhs is None:
+                rhs = np.zeros((len(todo), 2 * T))
+                np.negative(y0, out=rhs[:, :T])
             z = _solve_gathered(gather, rhs, pt, sizes)
         else:
             ridged = _ridged(Mn) if ridged is None else ridged
@@ -299,10 +302,10 @@ def _primal_dual(
         if going.all():
             pt = nxt
             continue
-        finished = todo[~going]
-        lam[finished] = np.maximum(z[~going], 0.0)
-        passive[finished] = nxt[~going]
-        todo, pt, y0, u, st, rhs = todo[going], nxt[going], y0[going], u[going], st[going], rhs[going]
+        done = ~going
+        lam[todo[done]] = np.maximum(z[done], 0.0)  # (a finished problem's P is not read again)
+        todo, pt, y0, u, st = todo[going], nxt[going], y0[going], u[going], st[going]
+        rhs = None if rhs is None else rhs[going]
     passive[todo] = pt
     return todo, used
 
