@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from dist_mtl.build import build_datasets, build_model_for
 from dist_mtl.config import load_config
@@ -199,6 +200,16 @@ def more_balancer_cases(world_size: int) -> dict[str, list[str]]:
     return cases
 
 
+def sketch_cases() -> dict[str, list[str]]:
+    """Every registered balancer on the lossy sketch protocol, 1 x 2 (see its test)."""
+    from dist_mtl.balancers import BALANCER_NAMES
+
+    return {
+        f"sketch-1x2-{b}": [*layout_overrides(1, 2), f"balancer.name={b}", "engine.protocol=sketch"]
+        for b in BALANCER_NAMES
+    }
+
+
 def world_cases(world_size: int) -> dict[str, dict]:
     cases: dict[str, dict] = {}
     for d, k in LAYOUTS[world_size]:
@@ -207,6 +218,7 @@ def world_cases(world_size: int) -> dict[str, dict]:
     if world_size == 2:
         cases |= {name: {"overrides": o} for name, o in SINGLE_BACKWARD_CASES.items()}
         cases["every3-resume"] = {"overrides": EVERY_RESUME, "resume_at": 2}
+        cases |= {name: {"overrides": o} for name, o in sketch_cases().items()}
         for p in LOSSLESS:
             cases[f"split-{p}"] = {
                 "overrides": [*layout_overrides(1, 2), *SPLIT, "balancer.name=mgda", f"engine.protocol={p}"]
@@ -340,6 +352,28 @@ def test_rep_equals_single_process_rep_mode(world_size, distributed_runs, refere
 def test_every_other_gramian_balancer_equals_single_process(world_size, distributed_runs, reference) -> None:
     """UPGrad, DualProj, PCGrad, CAGrad, IMTL-G, Aligned-MTL, FairGrad, Nash-MTL on 1x3, 2x2 and rep4."""
     check_cases(distributed_runs(world_size), more_balancer_cases(world_size), reference, world_size)
+
+
+@pytest.mark.timeout(300)
+def test_every_balancer_trains_through_the_sketch_protocol(distributed_runs) -> None:
+    """The sketch protocol hands the balancer an approximate Gramian (its error is bounded for MGDA in
+    test_engine_lossy.py), so no single-process equality here: every balancer must train through it
+    with finite parameters, move its state if it has one, and account the analytic bytes (one
+    backward on loss-balancer steps, no Gramian)."""
+    from dist_mtl.balancers import build_balancer
+
+    out = distributed_runs(2)
+    failures = []
+    for name, overrides in sketch_cases().items():
+        ckpt = load(out / name / "checkpoints" / "last.pt")
+        failures += [
+            f"{name}: non-finite {k}" for k, v in ckpt["model"].items() if not torch.isfinite(v).all()
+        ]
+        fresh = build_balancer(name.removeprefix("sketch-1x2-")).state_dict()
+        if fresh and ckpt["balancer"] == fresh:
+            failures.append(f"{name}: the balancer state did not move")
+        failures += [f"{name}: {e}" for e in accounted_bytes_errors(out / name, overrides, 2)]
+    assert not failures, "\n".join(failures)
 
 
 @pytest.mark.timeout(300)
