@@ -102,7 +102,11 @@ def test_rows_and_tables_from_synthetic_measurements(
     assert rank["optimizer_state_bytes"] == 4096 and set(rank["phase_ms"]) == set(bench.PHASES)
     assert "ideal_ms" not in bench.find(rows, "main", "cnn", 2, "2r rep")
     kt = bench.find(rows, "k_equals_t", "cnn", 2, "2r gramian")
-    assert kt["target"] == 1.15 and kt["ratios"]["k_equals_t_over_1p_uniform"] == pytest.approx(1.0)
+    assert (
+        kt["target"] == 1.15
+        and kt["ratios"]["k_equals_t_over_1p_uniform"] == pytest.approx(1.0)
+        and "ideal_over_1p_uniform" in kt["ratios"]
+    )
     bench.print_tables(rows, "cnn", [2])
     bench.print_k_equals_t(rows, ["cnn"])
     bench.print_single_only(rows, ["cnn"], [2], "cpu")
