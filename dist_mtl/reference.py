@@ -12,6 +12,7 @@ gradient d = G c, as uniform scaling costs, and heads still get their own unweig
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -103,7 +104,7 @@ def finite_check(losses: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return torch.cat([losses.detach().reshape(-1), flag]).to("cpu", torch.float64)
 
 
-class _SingleProcessStep:
+class _SingleProcessStep(ABC):
     """What both reference steps hold: the model, balancer, optimizer and two flat gradient buffers.
 
     A step asks `step_plan` which path it takes (the subclass's Gramian path, or the single backward),
@@ -128,8 +129,9 @@ class _SingleProcessStep:
         self.balancer.follow(result.solution.coefficients, result.solution.skipped)
         return result
 
+    @abstractmethod
     def gramian_step(self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder) -> StepResult:
-        raise NotImplementedError
+        """The step that forms the Gramian: T encoder backward passes (exact) or rep's Z-gradients."""
 
     def single_backward_step(
         self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder, kind: str, kept: torch.Tensor | None

@@ -35,4 +35,4 @@ class StopVote:
             return 0
         self._work.wait()
         self._work = None
-        return int(self._flag.item())
+        return int(self._flag.item())  # a CPU tensor (gloo): no device synchronisation
