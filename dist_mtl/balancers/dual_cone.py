@@ -66,7 +66,7 @@ from scipy.linalg import cho_factor, cho_solve
 from scipy.linalg.lapack import dposv
 
 from dist_mtl.balancers.base import solver_info
-from dist_mtl.balancers.solver import EPS
+from dist_mtl.balancers.solver import DEFAULT_MAX_ITER, DEFAULT_TOL, EPS, check_solver_options
 
 _CHOLESKY_FROM = 96  # blocks from this size on are solved one by one by Cholesky
 _CHUNK_ENTRIES = 1 << 22  # padded (chunk, K, K) blocks per batched LU: 32 MiB of float64
@@ -94,6 +94,24 @@ def regularized_gramian(M: np.ndarray, norm_eps: float, reg_eps: float) -> np.nd
     trace = float(np.trace(M))
     scaled = M / trace if trace >= norm_eps and trace > 0.0 else np.zeros_like(M)
     return scaled + reg_eps * np.eye(M.shape[0])
+
+
+@dataclass(frozen=True)
+class DualConeOptions:
+    """The options UPGrad and DualProj share (list it before the Balancer base): TorchJD's
+    regularisation (`regularized_gramian`) and the solve's tolerance and round cap."""
+
+    norm_eps: float = 0.0
+    reg_eps: float = 0.0
+    tol: float = DEFAULT_TOL
+    max_iter: int = DEFAULT_MAX_ITER
+
+    def __post_init__(self) -> None:
+        check_regularization(self.norm_eps, self.reg_eps)
+        check_solver_options(self.tol, self.max_iter, prefix="balancer.")
+
+    def gramian(self, M: np.ndarray) -> np.ndarray:
+        return regularized_gramian(M, self.norm_eps, self.reg_eps)
 
 
 def check_regularization(norm_eps: float, reg_eps: float) -> None:

@@ -16,32 +16,19 @@ import numpy as np
 
 from dist_mtl.balancers.base import Balancer
 from dist_mtl.balancers.dual_cone import (
-    check_regularization,
+    DualConeOptions,
     dual_cone_info,
     project_one,
-    regularized_gramian,
 )
-from dist_mtl.balancers.solver import DEFAULT_MAX_ITER, DEFAULT_TOL, check_solver_options
 
 
 @dataclass(frozen=True)
-class DualProj(Balancer):
+class DualProj(DualConeOptions, Balancer):
     """c = the dual-cone projection of the uniform weights (module doc)."""
-
-    norm_eps: float = 0.0
-    reg_eps: float = 0.0
-    tol: float = DEFAULT_TOL
-    max_iter: int = DEFAULT_MAX_ITER
 
     name = "dualproj"
 
-    def __post_init__(self) -> None:
-        check_regularization(self.norm_eps, self.reg_eps)
-        check_solver_options(self.tol, self.max_iter, prefix="balancer.")
-
     def weights(self, M: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, dict[str, float]]:
         T = M.shape[0]
-        w, solve = project_one(
-            regularized_gramian(M, self.norm_eps, self.reg_eps), np.full(T, 1.0 / T), self.tol, self.max_iter
-        )
+        w, solve = project_one(self.gramian(M), np.full(T, 1.0 / T), self.tol, self.max_iter)
         return w, dual_cone_info(solve)

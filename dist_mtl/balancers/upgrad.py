@@ -21,32 +21,19 @@ import numpy as np
 
 from dist_mtl.balancers.base import Balancer
 from dist_mtl.balancers.dual_cone import (
-    check_regularization,
+    DualConeOptions,
     dual_cone_info,
     project_dual_cone,
-    regularized_gramian,
 )
-from dist_mtl.balancers.solver import DEFAULT_MAX_ITER, DEFAULT_TOL, check_solver_options
 
 
 @dataclass(frozen=True)
-class UPGrad(Balancer):
+class UPGrad(DualConeOptions, Balancer):
     """c = mean of the tasks' dual-cone projections w_i (module doc); `tol`, `max_iter` go to the solve."""
-
-    norm_eps: float = 0.0
-    reg_eps: float = 0.0
-    tol: float = DEFAULT_TOL
-    max_iter: int = DEFAULT_MAX_ITER
 
     name = "upgrad"
 
-    def __post_init__(self) -> None:
-        check_regularization(self.norm_eps, self.reg_eps)
-        check_solver_options(self.tol, self.max_iter, prefix="balancer.")
-
     def weights(self, M: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, dict[str, float]]:
         T = M.shape[0]
-        W, solve = project_dual_cone(
-            regularized_gramian(M, self.norm_eps, self.reg_eps), np.eye(T), self.tol, self.max_iter
-        )
+        W, solve = project_dual_cone(self.gramian(M), np.eye(T), self.tol, self.max_iter)
         return W.mean(axis=0), dual_cone_info(solve)
