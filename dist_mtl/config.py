@@ -167,6 +167,16 @@ class EngineConfig:
     sketch_seed: int = 0  # seed of the shared count-sketch hashes
     timeout_s: float = 120.0  # collective timeout; a dead rank fails the job within about this bound
     checksum_every: int = 50  # compare replicated parameters across ranks every N steps (0 = never)
+    # start each owned task's exchange as soon as its backward ends, so it runs under the next task's
+    # backward (exact protocols); in rep, all-reduce the encoder gradient in buckets during its backward
+    overlap: bool = True
+    bucket_mb: float = 25.0  # rep with overlap: size of one gradient all-reduce bucket, in MiB
+    # gramian: step the optimizer on this rank's shard of d only (1/K of the optimizer state, 1/W with
+    # D > 1) and all-gather the updated parameters instead of d (ZeRO-1). Ignored by other protocols.
+    shard_optimizer: bool = True
+    # gramian: element type of the task-gradient all-to-all (float32 | bfloat16). bfloat16 halves those
+    # bytes; the Gramian is formed from the bf16 shards and d from exact local gradients.
+    wire_dtype: str = "float32"
 
 
 @dataclass
@@ -225,6 +235,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.device": ("auto", "cpu", "cuda"),
     "engine.protocol": ("auto", *PROTOCOL_NAMES),
     "engine.compression": ("none", "fp16", "bf16", "topk", "countsketch"),
+    "engine.wire_dtype": ("float32", "bfloat16"),
 }
 
 _POSITIVE = (
@@ -238,6 +249,7 @@ _POSITIVE = (
     "train.log_every",
     "engine.timeout_s",
     "engine.sketch_size",
+    "engine.bucket_mb",
     "data.image_size",
     "data.input_dim",
     "model.rep_dim",
@@ -354,6 +366,7 @@ def _check_relations(cfg: RunConfig) -> None:
             f"optim.lr_decay {cfg.optim.lr_decay:g} and optim.decay_every {cfg.optim.decay_every} must be "
             "set together (a decay below 1 every N > 0 epochs), or left at 1 and 0 for a constant rate"
         )
+    _check_shard_optimizer(cfg)
     if cfg.eval.baseline and not Path(cfg.eval.baseline).is_file():
         raise ConfigError(f"eval.baseline: no such file: {cfg.eval.baseline}")
     if cfg.train.epochs == 0 and cfg.train.steps == 0:
@@ -366,6 +379,23 @@ def _check_relations(cfg: RunConfig) -> None:
         build_balancer(cfg.balancer.name, **balancer_kwargs(cfg.balancer))
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+
+
+# Optimizers whose update of a coordinate reads only that coordinate's gradient and state, so that a
+# rank can step its shard of the parameters alone (engine.shard_optimizer). Adam and SGD (momentum,
+# L2 weight decay) are; one that reads a global norm (LAMB, clipping) would not be.
+ELEMENTWISE_OPTIMIZERS: frozenset[str] = frozenset({"adam", "sgd"})
+
+
+def _check_shard_optimizer(cfg: RunConfig) -> None:
+    e = cfg.engine
+    applies = e.shard_optimizer and e.protocol in ("auto", "gramian") and cfg.train.mode != "rep"
+    if applies and cfg.optim.name not in ELEMENTWISE_OPTIMIZERS:
+        raise ConfigError(
+            f"engine.shard_optimizer steps each rank's shard of the parameters alone, which needs an "
+            f"elementwise optimizer ({', '.join(sorted(ELEMENTWISE_OPTIMIZERS))}); optim.name "
+            f"{cfg.optim.name!r} is not: set engine.shard_optimizer=false"
+        )
 
 
 def balancer_kwargs(b: BalancerConfig) -> dict[str, Any]:
@@ -468,6 +498,8 @@ def _engine_needs(cfg: RunConfig) -> dict[str, tuple[bool, str]]:
         ),
         "sketch_size": (sketch, sketch_when),
         "sketch_seed": (sketch, sketch_when),
+        "wire_dtype": (e.protocol == "gramian", "engine.protocol gramian"),
+        "bucket_mb": (e.protocol == "rep" and e.overlap, "engine.protocol rep and engine.overlap true"),
     }
 
 

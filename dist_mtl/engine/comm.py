@@ -64,20 +64,84 @@ class Comm:
         finally:
             self.rec = None
 
+    def _fail(self, what: str, group: Group, exc: BaseException) -> CollectiveError:
+        phase = self.rec.current_phase if self.rec is not None else None
+        where = f"step {self.step}, phase {phase}" if self.rec is not None else "outside a step"
+        return CollectiveError(
+            f"rank {self.rank}: {what} over the {group.name} group (ranks {list(group.ranks)}) failed at "
+            f"{where} (a dead or stalled peer fails a collective within engine.timeout_s="
+            f"{self.timeout_s:g}s): {exc}"
+        )
+
     def _run(self, what: str, group: Group, fn: Callable[[], object], moved: tuple[int, int]) -> None:
         start = time.perf_counter()
         try:
             fn()
         except RuntimeError as exc:  # gloo/NCCL raise RuntimeError subclasses (DistBackendError, ...)
-            phase = self.rec.current_phase if self.rec is not None else None
-            where = f"step {self.step}, phase {phase}" if self.rec is not None else "outside a step"
-            raise CollectiveError(
-                f"rank {self.rank}: {what} over the {group.name} group (ranks {list(group.ranks)}) failed at "
-                f"{where} (a dead or stalled peer fails a collective within engine.timeout_s="
-                f"{self.timeout_s:g}s): {exc}"
-            ) from exc
+            raise self._fail(what, group, exc) from exc
         if self.rec is not None:
             self.rec.add_bytes(moved[0], moved[1], seconds=time.perf_counter() - start)
+
+    def _start(
+        self, what: str, group: Group, launch: Callable[[], dist.Work | None], moved: tuple[int, int]
+    ) -> Pending:
+        """Launch an asynchronous collective; its bytes go to the phase open now, the seconds its
+        `wait` blocks to the recorder's communication time."""
+        try:
+            work = launch()
+        except RuntimeError as exc:
+            raise self._fail(what, group, exc) from exc
+        if self.rec is not None:
+            self.rec.add_bytes(moved[0], moved[1])
+        return Pending(self, what, group, work)
+
+    def start_all_reduce(self, tensor: torch.Tensor, group: Group) -> Pending:
+        """`all_reduce`, asynchronously: the sum is in `tensor` once the returned work is waited."""
+        if group.size == 1:
+            return Pending(self, "all-reduce", group, None)
+        moved = traffic.all_reduce_bytes(_nbytes(tensor), group.size)
+        return self._start(
+            "all-reduce", group, lambda: dist.all_reduce(tensor, group=group.pg, async_op=True), moved
+        )
+
+    def start_all_to_all(
+        self,
+        out: torch.Tensor,
+        tensor: torch.Tensor,
+        out_splits: Sequence[int],
+        in_splits: Sequence[int],
+        group: Group,
+    ) -> Pending:
+        """`all_to_all`, asynchronously, into `out` (which a group of one never touches: the caller
+        then reads `tensor`)."""
+        if group.size == 1:
+            return Pending(self, "all-to-all", group, None)
+        size = tensor.element_size()
+        moved = traffic.all_to_all_bytes(
+            [size * n for n in in_splits], [size * n for n in out_splits], group.index(self.rank)
+        )
+        return self._start(
+            "all-to-all",
+            group,
+            lambda: dist.all_to_all_single(
+                out, tensor, list(out_splits), list(in_splits), group=group.pg, async_op=True
+            ),
+            moved,
+        )
+
+    def start_all_gather(self, out: torch.Tensor, tensor: torch.Tensor, group: Group) -> Pending:
+        """`all_gather`, asynchronously."""
+        if group.size == 1:
+            if out.data_ptr() != tensor.data_ptr():
+                out.copy_(tensor.reshape(out.shape))
+            return Pending(self, "all-gather", group, None)
+        moved = traffic.all_gather_bytes(_nbytes(tensor), group.size)
+        return self._start(
+            "all-gather",
+            group,
+            lambda: all_gather_into(out.view(-1), tensor.reshape(-1), group.pg, async_op=True),
+            moved,
+        )
 
     def all_reduce(self, tensor: torch.Tensor, group: Group) -> None:
         """In-place sum over the group."""
@@ -199,3 +263,30 @@ class Comm:
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
+
+
+class Pending:
+    """A collective in flight (`Comm.start_*`). `done` polls without blocking; `wait` blocks until it
+    has finished (on CUDA it only orders the current stream after it: NCCL runs on its own stream)
+    and turns a failure into a `CollectiveError`. Waiting twice is free."""
+
+    def __init__(self, comm: Comm, what: str, group: Group, work: dist.Work | None) -> None:
+        self.comm, self.what, self.group, self.work = comm, what, group, work
+
+    def done(self) -> bool:
+        try:
+            return self.work is None or self.work.is_completed()
+        except RuntimeError as exc:
+            raise self.comm._fail(self.what, self.group, exc) from exc
+
+    def wait(self) -> None:
+        if self.work is None:
+            return
+        start = time.perf_counter()
+        try:
+            self.work.wait()
+        except RuntimeError as exc:
+            raise self.comm._fail(self.what, self.group, exc) from exc
+        self.work = None
+        if self.comm.rec is not None:
+            self.comm.rec.add_comm_seconds(time.perf_counter() - start)

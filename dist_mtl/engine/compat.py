@@ -33,15 +33,15 @@ class LayoutGroups(Protocol):
     def get_group(self, mesh_dim: str) -> dist.ProcessGroup: ...
 
 
-def all_gather_into(out: torch.Tensor, tensor: torch.Tensor, group: dist.ProcessGroup | None) -> None:
+def all_gather_into(
+    out: torch.Tensor, tensor: torch.Tensor, group: dist.ProcessGroup | None, async_op: bool = False
+) -> dist.Work | None:
     """`out` receives every rank's `tensor`, in group order, with no intermediate list."""
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, tensor, group=group)
+    return gather(out, tensor, group=group, async_op=async_op)
 
 
-def layout_groups(
-    shape: tuple[int, int], device_type: str, backend: str, timeout: timedelta
-) -> LayoutGroups:
+def layout_groups(shape: tuple[int, int], device_type: str, backend: str, timeout: timedelta) -> LayoutGroups:
     """The (replica, task) groups of a D x K layout (rank = r * K + k), every group with `timeout`."""
     if _mesh_takes_backend_options() and os.environ.get(PUBLIC_GROUPS_ENV) != "1":
         options = {name: (backend, _backend_options(backend, timeout)) for name in MESH_DIMS}

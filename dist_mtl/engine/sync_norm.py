@@ -98,4 +98,3 @@ def average_running_stats(model: nn.Module) -> None:
     sync = norm_sync_of(model)
     if sync is not None:
         sync.average_running_stats()
-

@@ -16,7 +16,6 @@ from torch.profiler import record_function
 PHASES: tuple[str, ...] = ("data", "forward", "backward", "exchange", "solve", "apply", "optimizer")
 
 
-
 def _check_phase(name: str) -> None:
     if name not in PHASES:
         raise ValueError(f"unknown phase {name!r}; expected one of {', '.join(PHASES)}")
@@ -91,6 +90,10 @@ class StepRecorder:
         self._recv[target] = self._recv.get(target, 0) + int(received)
         self._comm_seconds += float(seconds)
 
+    def add_comm_seconds(self, seconds: float) -> None:
+        """Time spent blocked on a collective launched earlier (its bytes were accounted at launch)."""
+        self._comm_seconds += float(seconds)
+
     def end_step(self, step: int) -> dict[str, float]:
         """Close the step: return its flat record and start the next one from zero."""
         if self._stack:
@@ -110,4 +113,3 @@ class StepRecorder:
         self._mark = now
         self._reset()
         return record
-
