@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dist_mtl.config import EngineConfig
 
 F32 = 4
 F64 = 8
@@ -71,6 +75,23 @@ class StepShape:
     # (a loss balancer: T losses to the coordinator, one backward) or "reuse" (update_every between
     # updates: one backward, no exchange before it)
     kind: str = "gramian"
+    overlap: bool = False  # engine.overlap: per-task (exact) or bucketed (rep) collectives
+    wire: int = F32  # bytes per element of the gramian all-to-all (engine.wire_dtype)
+    sharded: bool = False  # engine.shard_optimizer on a gramian run with more than one rank
+    bucket_bytes: int = 25 * 2**20  # rep with overlap: engine.bucket_mb in bytes
+
+    @classmethod
+    def engine_options(cls, e: EngineConfig) -> dict[str, Any]:
+        """The fields of the engine's config that change the bytes, as keyword arguments."""
+        return {
+            "overlap": e.overlap,
+            "wire": 2 if e.wire_dtype == "bfloat16" else F32,
+            "sharded": e.shard_optimizer and e.protocol == "gramian",
+            "bucket_bytes": int(e.bucket_mb * 2**20),
+            "compression": e.compression,
+            "topk_ratio": e.topk_ratio,
+            "sketch_size": e.sketch_size,
+        }
 
     @property
     def tasks(self) -> int:

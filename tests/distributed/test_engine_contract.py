@@ -291,6 +291,7 @@ def accounted_bytes_errors(run_dir: Path, overrides: list[str], world_size: int)
         replicas=d,
         head_params=tuple(head),
         all_head_params=sum(head),
+        **StepShape.engine_options(cfg.engine),
     )
     errors = []
     for rank in range(world_size):
