@@ -11,12 +11,20 @@ A loss balancer (or a step between updates of balancer.update_every) needs no re
 gradients: LOSSES steps reduce the T losses onto the coordinator, which solves and broadcasts c; then
 every rank runs ONE backward of sum_t c_t L_t (heads unweighted), all-reduces [head grads | T losses]
 and the shared gradient, and checks [losses | finite flag] on the host (the same on every rank).
+
+With engine.overlap (and more than one rank), the shared gradient is all-reduced in buckets of about
+engine.bucket_mb (`dist_mtl.engine.buckets`), each launched from the parameters' post-accumulate-grad
+hooks as soon as its gradients are in, so the all-reduce runs under the rest of the encoder backward;
+they are waited before the gradient is read (finite check, optimizer). Without it, one all-reduce of
+the whole buffer after the backward. Either way the one device-to-host copy per step is the finite
+check's (or the coordinator's solve).
 """
 
 from __future__ import annotations
 
 import torch
 
+from dist_mtl.engine.buckets import BucketedAllReduce, bucket_sizes, cap_elements
 from dist_mtl.engine.protocols.base import (
     Protocol,
     StepContext,
@@ -60,6 +68,16 @@ class RepProtocol(Protocol):
         self.gramian = self.flat[heads + t :].view(t, t)
         self.heads_and_losses = self.flat[: heads + t]  # what the single-backward path all-reduces
         self.shared_grad = FlatGradBuffer(self.shared)
+        self.buckets: BucketedAllReduce | None = None  # None: one all-reduce after the backward
+        engine = ctx.cfg.engine
+        if engine.overlap and self.world.size > 1:
+            buffer = self.shared_grad.buffer
+            self.buckets = BucketedAllReduce(
+                self.shared,
+                buffer,
+                cap_elements(int(engine.bucket_mb * 2**20), buffer.element_size()),
+                lambda view: self.comm.start_all_reduce(view, self.world),
+            )
         self.loss_buffer = torch.zeros(t, device=device)  # LOSSES: reduced onto the coordinator
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, rec: StepRecorder) -> StepResult:
@@ -100,11 +118,12 @@ class RepProtocol(Protocol):
             return solved
         coefficients = c if solved is None else solved.coefficients
         with rec.phase("backward"):
+            self._arm()
             weighted_backward(z, z_leaf, parts, c.to(losses.device), self.shared_grad, self.head_grad)
         self.losses.copy_(losses)
         with rec.phase("exchange"):
+            self._finish()  # launches what is left of the shared gradient first, then waits it
             self.comm.all_reduce(self.heads_and_losses, self.world)
-            self.comm.all_reduce(self.shared_grad.buffer, self.world)
         with rec.phase("apply"):
             checked = finite_check(self.losses, self.shared_grad.buffer)
         return single_backward_solution(kind, coefficients, checked, solved)
@@ -128,30 +147,54 @@ class RepProtocol(Protocol):
             with rec.phase("apply"):
                 z_grad = (c.to(rep_grads.dtype) @ rep_grads).view_as(z)
                 self.shared_grad.buffer.zero_()
+                self._arm()
                 z.backward(z_grad, inputs=self.shared)
                 with rec.phase("exchange"):
-                    self.comm.all_reduce(self.shared_grad.buffer, self.world)
+                    self._finish()
         return mark_gramian_step(solution, 1)
+
+    def _arm(self) -> None:
+        """Before the encoder backward: with overlap, its buckets launch as their gradients come in."""
+        if self.buckets is not None:
+            self.buckets.arm()
+
+    def _finish(self) -> None:
+        """After it: the full-batch shared gradient is in the buffer when this returns."""
+        if self.buckets is not None:
+            self.buckets.finish()
+        else:
+            self.comm.all_reduce(self.shared_grad.buffer, self.world)
+
+    @staticmethod
+    def shared_grad_bytes(shape: StepShape) -> tuple[int, int]:
+        """The shared gradient's all-reduce: one of P, or (overlap) one per bucket of bucket_bytes;
+        per bucket because the ring's integer division makes the sum differ from one of P."""
+        world = shape.replicas * shape.k
+        if not shape.overlap or world == 1:
+            return all_reduce_bytes(F32 * shape.params, world)
+        sizes = bucket_sizes(shape.params, cap_elements(shape.bucket_bytes, F32))
+        return total(*(all_reduce_bytes(F32 * n, world) for n in sizes))
 
     @classmethod
     def single_backward_bytes(cls, shape: StepShape, rank: int) -> tuple[int, int]:
         """All-reduce of T counts; LOSSES: reduce of T losses and the broadcast of c; all-reduce of
-        [head grads | T losses] and of P."""
+        P (`shared_grad_bytes`) and of [head grads | T losses]."""
         t, world = shape.tasks, shape.replicas * shape.k
         return total(
             all_reduce_bytes(F32 * t, world),
             loss_solve_bytes(shape, rank),
             all_reduce_bytes(F32 * (shape.all_head_params + t), world),
-            all_reduce_bytes(F32 * shape.params, world),
+            cls.shared_grad_bytes(shape),
         )
 
     @classmethod
     def bytes_per_step(cls, shape: StepShape, rank: int) -> tuple[int, int]:
-        """All-reduce of T counts, of [head grads | T losses | T x T], the broadcast of c, all-reduce of P."""
+        """All-reduce of T counts, of [head grads | T losses | T x T], the broadcast of c, all-reduce of P
+        (`shared_grad_bytes`)."""
         t, world = shape.tasks, shape.replicas * shape.k
         return total(
             all_reduce_bytes(F32 * t, world),
             all_reduce_bytes(F32 * (shape.all_head_params + t + t * t), world),
             solution_bytes(shape, rank),
-            all_reduce_bytes(F32 * shape.params, world),
+            cls.shared_grad_bytes(shape),
         )
