@@ -85,14 +85,14 @@ class Comm:
     def _start(
         self, what: str, group: Group, launch: Callable[[], dist.Work | None], moved: tuple[int, int]
     ) -> Pending:
-        """Launch an asynchronous collective; its bytes go to the phase open now, the seconds its
-        `wait` blocks to the recorder's communication time."""
+        """Launch an asynchronous collective; its bytes go to the exchange phase (it may be launched
+        inside the backward), the seconds its `wait` blocks to the recorder's communication time."""
         try:
             work = launch()
         except RuntimeError as exc:
             raise self._fail(what, group, exc) from exc
         if self.rec is not None:
-            self.rec.add_bytes(moved[0], moved[1])
+            self.rec.add_bytes(moved[0], moved[1], phase="exchange")
         return Pending(self, what, group, work)
 
     def start_all_reduce(self, tensor: torch.Tensor, group: Group) -> Pending:
@@ -241,6 +241,21 @@ class Comm:
             moved,
         )
         return out
+
+    def reduce_scatter(self, out: torch.Tensor, tensor: torch.Tensor, group: Group) -> None:
+        """`out` receives the group-wide sum of block i (out.numel() elements) of `tensor` on group
+        rank i."""
+        if group.size == 1:
+            if out.data_ptr() != tensor.data_ptr():
+                out.copy_(tensor.reshape(out.shape))
+            return
+        moved = traffic.reduce_scatter_bytes(_nbytes(tensor), group.size)
+        self._run(
+            "reduce-scatter",
+            group,
+            lambda: dist.reduce_scatter_tensor(out.view(-1), tensor.reshape(-1), group=group.pg),
+            moved,
+        )
 
     def gather_object(self, obj: Any, group: Group, dst: int = 0) -> list[Any] | None:
         """Pickled objects to group rank `dst` (checkpoint time only, so no bytes are accounted)."""

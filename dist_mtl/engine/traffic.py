@@ -26,6 +26,12 @@ def all_reduce_bytes(nbytes: int, size: int) -> tuple[int, int]:
     return moved, moved
 
 
+def reduce_scatter_bytes(nbytes: int, size: int) -> tuple[int, int]:
+    """Ring reduce-scatter: (g-1)/g n each way."""
+    moved = (size - 1) * nbytes // size
+    return moved, moved
+
+
 def reduce_bytes(nbytes: int, size: int, is_root: bool) -> tuple[int, int]:
     """Ring reduce-scatter, then every non-root sends its reduced chunk to the root."""
     scatter = (size - 1) * nbytes // size

@@ -10,7 +10,8 @@ lambda_min ||D||^2 <= (a* - a^)^T E (a* + a^) <= ||D|| ||E||_2 ||a* + a^||_2 <= 
 
 ||E|| itself has an a-priori bound per codec. With g^_t = g_t + e_t,
 |E_st| <= ||e_s|| ||g_t|| + ||g_s|| ||e_t|| + ||e_s|| ||e_t||, where
-- fp16 / bf16: ||e_t|| <= u ||g_t|| + h sqrt(P), u the unit roundoff (2^-11, 2^-8), h half the smallest
+- fp16 / bf16 (and the `gramian` protocol's engine.wire_dtype=bfloat16, whose all-to-all rounds the
+  shards to bfloat16): ||e_t|| <= u ||g_t|| + h sqrt(P), u the unit roundoff (2^-11, 2^-8), h half the smallest
   subnormal spacing (2^-25 for fp16, 0 for bf16, whose range is float32's);
 - top-k of P: the dropped tail has ||e_t||^2 <= (1 - k/P) ||g_t||^2 (the kept k coordinates carry at
   least their share k/P of the energy);
@@ -50,7 +51,11 @@ CODECS = {
     "topk": ["engine.protocol=gather", "engine.compression=topk", "engine.topk_ratio=0.25"],
     "countsketch": ["engine.protocol=gather", "engine.compression=countsketch", "engine.sketch_size=512"],
     "sketch": ["engine.protocol=sketch", "engine.sketch_size=512"],
+    # the gramian protocol's bfloat16 wire, overlapped (the default) and in one all-to-all
+    "wire-bf16": ["engine.protocol=gramian", "engine.wire_dtype=bfloat16"],
+    "wire-bf16-at-once": ["engine.protocol=gramian", "engine.wire_dtype=bfloat16", "engine.overlap=false"],
 }
+WIRES = ("wire-bf16", "wire-bf16-at-once")
 COMMON = [
     "engine.replicas=1",
     "engine.task_parallel=2",
@@ -112,7 +117,7 @@ def error_bound(name: str, grads: torch.Tensor, gramian: torch.Tensor, cfg: RunC
         keep = math.ceil(cfg.engine.topk_ratio * params)
         e = math.sqrt(1 - keep / params) * norms
     else:
-        u, h = (2.0**-11, 2.0**-25) if name == "fp16" else (2.0**-8, 0.0)
+        u, h = (2.0**-11, 2.0**-25) if name == "fp16" else (2.0**-8, 0.0)  # bf16 and the bf16 wires
         e = u * norms + h * math.sqrt(params)
     entry = torch.outer(e, norms) + torch.outer(norms, e) + torch.outer(e, e)
     return float(entry.norm())
@@ -121,6 +126,9 @@ def error_bound(name: str, grads: torch.Tensor, gramian: torch.Tensor, cfg: RunC
 def compressed_gramian(name: str, grads: torch.Tensor, losses: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
     """M^ as the codec forms it from the rows [g_t | L_t]; for the sketches also checked against
     (S G)(S G)^T computed independently of the codec."""
+    if name in WIRES:  # the shards rounded to bfloat16, their Gramian formed in float32
+        rounded = grads.bfloat16().double()
+        return rounded @ rounded.T
     e = cfg.engine
     codec = build_codec(
         "countsketch" if name == "sketch" else e.compression,

@@ -28,9 +28,12 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from dist_mtl.engine.comm import Pending
+from dist_mtl.engine.pipeline import Stage, TaskPipeline
 from dist_mtl.engine.protocols.base import Protocol, StepContext, coefficients_from_losses, loss_solve_bytes
 from dist_mtl.engine.traffic import F32, StepShape, all_reduce_bytes, total
 from dist_mtl.gradients import FlatGradBuffer, labelled_counts, task_loss_list
@@ -61,9 +64,16 @@ class TaskParallelProtocol(Protocol):
     """Exact mode on one rank of a D x K layout; subclasses own the block layout and the exchange."""
 
     mode = "exact"
+    overlaps: ClassVar[bool] = False  # implements the per-task exchange of engine.overlap
 
     def __init__(self, ctx: StepContext) -> None:
         layout, model = ctx.layout, ctx.model
+        # engine.overlap: each owned task's exchange starts when its backward ends (`task_stages`),
+        # and with D > 1 each task's replica all-reduce too; the block layout may depend on it.
+        self.overlapping = ctx.cfg.engine.overlap and self.overlaps
+        self.pipeline = TaskPipeline()
+        self.rest: Pending | None = None  # overlap, D > 1: the all-reduce of [owned head grads | ...]
+        self.rec: StepRecorder | None = None  # the step in progress, for the stages' phases
         self.model, self.optimizer, self.comm, self.groups = model, ctx.optimizer, ctx.comm, ctx.groups
         self.coordinator, self.checksum, self.fault = ctx.coordinator, ctx.checksum, ctx.fault
         self.engine_cfg = ctx.cfg.engine
@@ -107,6 +117,39 @@ class TaskParallelProtocol(Protocol):
         """Lay the losses and the owned task gradients out in `flat` (`block_numel` elements, then
         `tail_numel` more)."""
 
+    def task_row(self, i: int) -> torch.Tensor:
+        """Overlap, D > 1: owned task i's data in the block (contiguous), all-reduced over the replica
+        group before its exchange."""
+        raise NotImplementedError(f"{type(self).__name__} does not overlap")
+
+    def overlap_rest(self) -> torch.Tensor:
+        """Overlap, D > 1: the prefix of the replica part that the task rows do not cover (head
+        gradients, losses), all-reduced once after the last backward."""
+        raise NotImplementedError(f"{type(self).__name__} does not overlap")
+
+    def task_stages(self, i: int) -> list[Stage]:
+        """Overlap: the chain of round i's exchange (every rank runs rounds 0 .. T_max - 1; rounds
+        past its own tasks start after its last backward)."""
+        raise NotImplementedError(f"{type(self).__name__} does not overlap")
+
+    def finish_overlap(self, rec: StepRecorder) -> None:
+        """Wait for every round's chain and the rest of the replica part (exchange phase)."""
+        with rec.phase("exchange"):
+            self.pipeline.drain()
+            if self.rest is not None:
+                self.rest.wait()
+                self.rest = None
+
+    def _start_round(self, i: int) -> None:
+        replica: list[Stage] = []
+        if self.replicas > 1:  # every chain has the same stages, so stage s is on one group
+            if i < self.mine:
+                row = self.task_row(i)
+                replica = [lambda: self.comm.start_all_reduce(row, self.groups.replica)]
+            else:
+                replica = [lambda: None]
+        self.pipeline.start(replica + self.task_stages(i))
+
     @abstractmethod
     def exchange(self, rec: StepRecorder) -> Solution:
         """Owned gradients and losses in `self.block` -> d in `self.block.direction` (unless skipped)."""
@@ -149,6 +192,7 @@ class TaskParallelProtocol(Protocol):
         """One step on this replica's part (x, y) of the global batch."""
         balancer = self.coordinator.balancer
         kind, kept = step_plan(balancer)
+        self.rec = rec
         with self.comm.stepping(rec, self.fault) as step:
             y = y[:, self.owned.start : self.owned.stop]
             counts = labelled_counts(y)
@@ -157,7 +201,7 @@ class TaskParallelProtocol(Protocol):
                     self.comm.all_reduce(counts, self.groups.replica)
             if kind == GRAMIAN:
                 self._backward(x, y, counts, rec)
-                if self.replicas > 1:
+                if self.replicas > 1 and not self.overlapping:
                     with rec.phase("exchange"):
                         self.comm.all_reduce(self.replica_part, self.groups.replica)
                 solution = mark_gramian_step(self.exchange(rec), self.mine)
@@ -218,7 +262,15 @@ class TaskParallelProtocol(Protocol):
                 self.shared_grad.buffer.zero_()
                 loss.backward(retain_graph=True, inputs=self.shared)
                 self.block.slots[i].copy_(self.block.source)
+                if self.overlapping:
+                    self._start_round(i)
             losses = torch.stack(parts)
             self.head_grad.buffer.zero_()
             losses.sum().backward(inputs=self.owned_heads)
             self.block.losses[: self.mine].copy_(losses.detach())
+        if self.overlapping:
+            with rec.phase("exchange"):
+                for i in range(self.mine, self.t_max):  # rounds where only other ranks send
+                    self._start_round(i)
+                if self.replicas > 1:
+                    self.rest = self.comm.start_all_reduce(self.overlap_rest(), self.groups.replica)
