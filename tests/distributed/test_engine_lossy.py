@@ -11,8 +11,8 @@ lambda_min ||D||^2 <= (a* - a^)^T E (a* + a^) <= ||D|| ||E||_2 ||a* + a^||_2 <= 
 ||E|| itself has an a-priori bound per codec. With g^_t = g_t + e_t,
 |E_st| <= ||e_s|| ||g_t|| + ||g_s|| ||e_t|| + ||e_s|| ||e_t||, where
 - fp16 / bf16 (and the `gramian` protocol's engine.wire_dtype=bfloat16, whose all-to-all rounds the
-  shards to bfloat16): ||e_t|| <= u ||g_t|| + h sqrt(P), u the unit roundoff (2^-11, 2^-8), h half the smallest
-  subnormal spacing (2^-25 for fp16, 0 for bf16, whose range is float32's);
+  shards to bfloat16): ||e_t|| <= u ||g_t|| + h sqrt(P), u the unit roundoff (2^-11, 2^-8), h half
+  the smallest subnormal spacing (2^-25 for fp16, 0 for bf16, whose range is float32's);
 - top-k of P: the dropped tail has ||e_t||^2 <= (1 - k/P) ||g_t||^2 (the kept k coordinates carry at
   least their share k/P of the energy);
 - count-sketch of width m with bucket h and sign s: E_st = sum_{p != q, h(p) = h(q)} s_p s_q g_sp g_tq,
