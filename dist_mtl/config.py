@@ -7,6 +7,7 @@ values with the field's full dotted path and what would be valid.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
 import math
 import types
@@ -177,6 +178,13 @@ class EngineConfig:
     # gramian: element type of the task-gradient all-to-all (float32 | bfloat16). bfloat16 halves those
     # bytes; the Gramian is formed from the bf16 shards and d from exact local gradients.
     wire_dtype: str = "float32"
+    # torch | deepspeed: who owns the shared encoder's optimizer step (dist_mtl.deepspeed). deepspeed
+    # needs the extra (pip install -e '.[deepspeed]'); its ZeRO replaces engine.shard_optimizer
+    backend: str = "torch"
+    deepspeed_config: str = ""  # deepspeed: a DeepSpeed JSON passed through; the fields below override it
+    zero_stage: int = 0  # deepspeed: ZeRO stage 0-3 (1: optimizer state, 2: + gradients, 3: + parameters)
+    bf16: bool = False  # deepspeed: bfloat16 encoder parameters and gradients, float32 master and state
+    offload_optimizer: bool = False  # deepspeed: optimizer state and step on the CPU (ZeRO >= 1)
 
 
 @dataclass
@@ -236,6 +244,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "engine.protocol": ("auto", *PROTOCOL_NAMES),
     "engine.compression": ("none", "fp16", "bf16", "topk", "countsketch"),
     "engine.wire_dtype": ("float32", "bfloat16"),
+    "engine.backend": ("torch", "deepspeed"),
 }
 
 _POSITIVE = (
@@ -366,6 +375,7 @@ def _check_relations(cfg: RunConfig) -> None:
             f"optim.lr_decay {cfg.optim.lr_decay:g} and optim.decay_every {cfg.optim.decay_every} must be "
             "set together (a decay below 1 every N > 0 epochs), or left at 1 and 0 for a constant rate"
         )
+    _check_deepspeed(cfg)
     _check_shard_optimizer(cfg)
     if cfg.eval.baseline and not Path(cfg.eval.baseline).is_file():
         raise ConfigError(f"eval.baseline: no such file: {cfg.eval.baseline}")
@@ -396,6 +406,42 @@ def _check_shard_optimizer(cfg: RunConfig) -> None:
             f"elementwise optimizer ({', '.join(sorted(ELEMENTWISE_OPTIMIZERS))}); optim.name "
             f"{cfg.optim.name!r} is not: set engine.shard_optimizer=false"
         )
+
+
+_DEEPSPEED_FIELDS = ("deepspeed_config", "zero_stage", "bf16", "offload_optimizer")
+
+
+def _check_deepspeed(cfg: RunConfig) -> None:
+    """engine.backend and its fields, before any process starts: the DeepSpeed fields only with the
+    deepspeed backend, which needs the package (found, not imported), a ZeRO stage in 0-3, offload
+    with ZeRO >= 1, a readable JSON without the keys the engine cannot honour, and bf16 only where the
+    device computes it. With deepspeed, ZeRO does the sharding: engine.shard_optimizer is resolved off."""
+    e, defaults = cfg.engine, EngineConfig()
+    if e.backend != "deepspeed":
+        for name in _DEEPSPEED_FIELDS:
+            if getattr(e, name) != getattr(defaults, name):
+                raise ConfigError(
+                    f"engine.{name} {getattr(e, name)!r} applies only with engine.backend deepspeed; "
+                    f"engine.backend is {e.backend!r}"
+                )
+        return
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(
+            "engine.backend deepspeed needs the DeepSpeed package, which is not installed: "
+            "pip install -e '.[deepspeed]' (or set engine.backend=torch)"
+        )
+    if e.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"engine.zero_stage must be 0, 1, 2 or 3; got {e.zero_stage!r}")
+    if e.offload_optimizer and e.zero_stage == 0:
+        raise ConfigError("engine.offload_optimizer needs engine.zero_stage >= 1 (ZeRO-Offload); got 0")
+    if e.deepspeed_config and not Path(e.deepspeed_config).is_file():
+        raise ConfigError(f"engine.deepspeed_config: no such file: {e.deepspeed_config}")
+    from dist_mtl.deepspeed.settings import check_bf16, deepspeed_settings  # imports no DeepSpeed
+
+    deepspeed_settings(e, 1)  # the JSON read, and the keys the engine cannot honour refused
+    if e.bf16:
+        check_bf16(cfg.train.device)
+    e.shard_optimizer = False  # DeepSpeed's ZeRO shards the optimizer state instead
 
 
 def balancer_kwargs(b: BalancerConfig) -> dict[str, Any]:

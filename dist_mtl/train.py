@@ -23,7 +23,8 @@ from dist_mtl.data import BatchSource, dataset_num_tasks
 from dist_mtl.engine import Engine, Layout, process_group, resolve_layout
 from dist_mtl.engine.checksum import ReplicaDivergenceError
 from dist_mtl.engine.comm import CollectiveError
-from dist_mtl.errors import TrainingFailed, UserError
+from dist_mtl.engine.compat import LayoutGroups
+from dist_mtl.errors import ConfigError, TrainingFailed, UserError
 from dist_mtl.restart import attempt_flags
 from dist_mtl.rundir import check_run_dir, prepare_run_dir
 from dist_mtl.stop import REQUEUE, STOPPED_EXIT, RunStopped, requeue_this_job
@@ -75,6 +76,11 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> int
 def run_single(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> int:
     """The single-process trainer, no collectives at all."""
     num_tasks(cfg)  # the task options, checked without building the data
+    if cfg.engine.backend != "torch":
+        raise ConfigError(
+            f"engine.backend {cfg.engine.backend!r} runs the distributed engine: start at least 2 ranks "
+            "(dist-mtl train --nproc N); one process trains without a backend"
+        )
     preflight(cfg, resume=resume, overwrite=overwrite)
     summary = train(cfg, resume=resume, overwrite=overwrite, datasets=build_checked_source(cfg))
     print(format_summary(summary))
@@ -94,8 +100,9 @@ def run_distributed(cfg: RunConfig, *, resume: bool = False, overwrite: bool = F
         torch.cuda.set_device(device)
     try:
         with process_group(layout, device, cfg.engine.timeout_s) as mesh:
-            engine = Engine(cfg, layout, mesh, device)
+            engine = build_engine(cfg, layout, mesh, device)
             summary = train(cfg, resume=resume, overwrite=overwrite, backend=engine, datasets=source)
+            getattr(engine, "close", lambda: None)()  # DeepSpeed's: a barrier, then its engine freed
     except (CollectiveError, ReplicaDivergenceError) as exc:
         print(f"dist_mtl.train: rank {rank}: error: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -106,6 +113,16 @@ def run_distributed(cfg: RunConfig, *, resume: bool = False, overwrite: bool = F
             f"protocol {cfg.engine.protocol})"
         )
     return 0
+
+
+def build_engine(cfg: RunConfig, layout: Layout, mesh: LayoutGroups, device: torch.device) -> Engine:
+    """The rank's backend: the torch.distributed engine, or (engine.backend deepspeed, an optional
+    extra imported only then) the engine with DeepSpeed stepping the shared encoder."""
+    if cfg.engine.backend == "deepspeed":
+        from dist_mtl.deepspeed.backend import DeepSpeedBackend
+
+        return DeepSpeedBackend(cfg, layout, mesh, device)
+    return Engine(cfg, layout, mesh, device)
 
 
 def build_parser() -> argparse.ArgumentParser:
