@@ -31,8 +31,8 @@ class RawCodec:
     def __init__(self, params: int) -> None:
         self.width = params + 1
 
-    def encode(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows
+    def encode(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return rows if out is None else out.copy_(rows)
 
     def decode(self, wire: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(losses, gradient rows) of the (R, P + 1) received rows: both views."""
@@ -41,6 +41,14 @@ class RawCodec:
     def gramian(self, wire: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         losses, grads = self.decode(wire)
         return grads @ grads.T, losses
+
+    def losses(self, wire: torch.Tensor) -> torch.Tensor:
+        return wire[:, -1]
+
+    def gramian_rows(self, wire: torch.Tensor, lo: int, hi: int, out: torch.Tensor) -> None:
+        """out[lo:hi, :hi] = rows lo..hi-1 of the Gramian against rows 0..hi-1 (the rows received so
+        far: an overlapped gather forms its lower triangle a round at a time)."""
+        _rows_mm(wire[:, :-1], lo, hi, out)
 
 
 CHUNK = 1 << 22  # float32 elements (16 MiB) of 16-bit codes the coordinator widens at a time
@@ -55,8 +63,12 @@ class HalfCodec:
         self.dtype, self.params = dtype, params
         self.width = params + 2
 
-    def encode(self, rows: torch.Tensor) -> torch.Tensor:
-        wire = torch.empty(rows.shape[0], self.width, dtype=self.dtype, device=rows.device)
+    def encode(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        wire = (
+            torch.empty(rows.shape[0], self.width, dtype=self.dtype, device=rows.device)
+            if out is None
+            else out
+        )
         wire[:, : self.params].copy_(rows[:, :-1])  # rounds in place: no float32 temporary
         wire[:, self.params :].copy_(rows[:, -1:].contiguous().view(self.dtype))
         return wire
@@ -70,7 +82,19 @@ class HalfCodec:
         for start in range(0, self.params, columns):  # P / columns blocks, not a loop over parameters
             block = wire[:, start : min(start + columns, self.params)].to(torch.float32)
             gramian.addmm_(block, block.T)
-        return gramian, wire[:, self.params :].contiguous().view(torch.float32).view(-1)
+        return gramian, self.losses(wire)
+
+    def losses(self, wire: torch.Tensor) -> torch.Tensor:
+        return wire[:, self.params :].contiguous().view(torch.float32).view(-1)
+
+    def gramian_rows(self, wire: torch.Tensor, lo: int, hi: int, out: torch.Tensor) -> None:
+        """`RawCodec.gramian_rows`, widening rows 0..hi-1 CHUNK elements at a time."""
+        columns = max(1, CHUNK // hi)
+        block = out[lo:hi, :hi]
+        block.zero_()
+        for start in range(0, self.params, columns):
+            widened = wire[:hi, start : min(start + columns, self.params)].to(torch.float32)
+            block.addmm_(widened[lo:hi], widened.T)
 
 
 class TopKCodec:
@@ -87,9 +111,9 @@ class TopKCodec:
         self.count = topk_count(params, ratio)
         self.width = 2 * self.count + 1
 
-    def encode(self, rows: torch.Tensor) -> torch.Tensor:
+    def encode(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         c = self.count
-        wire = torch.empty(rows.shape[0], self.width, device=rows.device)
+        wire = torch.empty(rows.shape[0], self.width, device=rows.device) if out is None else out
         index = wire[:, c : 2 * c].view(torch.int32)
         for i, row in enumerate(rows[:, :-1]):  # one row at a time: |g| needs P floats, not T_max x P
             top = row.abs().topk(c, sorted=False).indices
@@ -113,6 +137,20 @@ class TopKCodec:
         upper = gramian.triu()  # each entry summed twice in different orders: keep one, exactly symmetric
         return upper + upper.triu(1).T, wire[:, -1]
 
+    def losses(self, wire: torch.Tensor) -> torch.Tensor:
+        return wire[:, -1]
+
+    def gramian_rows(self, wire: torch.Tensor, lo: int, hi: int, out: torch.Tensor) -> None:
+        """`RawCodec.gramian_rows` from the sparse rows, one densified row at a time as `gramian`."""
+        c = self.count
+        values = wire[:hi, :c]
+        index = wire[:hi, c : 2 * c].view(torch.int32).long()
+        scratch = torch.zeros(self.params, device=wire.device)
+        for i in range(lo, hi):
+            scratch.index_copy_(0, index[i], values[i])
+            torch.sum(scratch[index] * values, dim=1, out=out[i, :hi])
+            scratch.index_fill_(0, index[i], 0.0)
+
 
 class CountSketchCodec:
     """Count-sketch of width m with hashes shared by every rank: <S g, S h> is unbiased for <g, h>."""
@@ -129,10 +167,10 @@ class CountSketchCodec:
         self.bucket = torch.randint(0, size, (params,), generator=gen).to(device)
         self.sign = (torch.randint(0, 2, (params,), generator=gen) * 2 - 1).to(device, torch.float32)
 
-    def encode(self, rows: torch.Tensor) -> torch.Tensor:
+    def encode(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Sketch every row into the wire. The signs are applied to the rows in place and undone
         afterwards (multiplying by +-1 twice is exact), so no T_max x P signed copy is made."""
-        wire = torch.zeros(rows.shape[0], self.width, device=rows.device)
+        wire = torch.zeros(rows.shape[0], self.width, device=rows.device) if out is None else out.zero_()
         grads = rows[:, :-1]
         grads.mul_(self.sign)
         wire[:, :-1].index_add_(1, self.bucket, grads)
@@ -143,6 +181,13 @@ class CountSketchCodec:
     def gramian(self, wire: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sketches = wire[:, :-1]
         return sketches @ sketches.T, wire[:, -1]
+
+    def losses(self, wire: torch.Tensor) -> torch.Tensor:
+        return wire[:, -1]
+
+    def gramian_rows(self, wire: torch.Tensor, lo: int, hi: int, out: torch.Tensor) -> None:
+        """`RawCodec.gramian_rows` on the sketches."""
+        _rows_mm(wire[:, :-1], lo, hi, out)
 
 
 Codec = RawCodec | HalfCodec | TopKCodec | CountSketchCodec
@@ -165,6 +210,10 @@ def build_codec(
     raise ValueError(f"engine.compression must be one of none, fp16, bf16, topk, countsketch; got {name!r}")
 
 
+def _rows_mm(rows: torch.Tensor, lo: int, hi: int, out: torch.Tensor) -> None:
+    out[lo:hi, :hi] = rows[lo:hi] @ rows[:hi].T
+
+
 def topk_count(params: int, ratio: float) -> int:
     """Coordinates kept per row by `topk`."""
     return max(1, math.ceil(ratio * params))
@@ -172,11 +221,16 @@ def topk_count(params: int, ratio: float) -> int:
 
 def payload_bytes(compression: str, s: StepShape) -> int:
     """Bytes one rank sends to the coordinator per step: T_max rows of the codec's width."""
-    rows, p = max(s.split), s.params
+    return max(s.split) * row_bytes(compression, s)
+
+
+def row_bytes(compression: str, s: StepShape) -> int:
+    """Bytes of one encoded row [code(g_t) | L_t] (an overlapped gather sends one per round)."""
+    p = s.params
     if compression == "none":
-        return 4 * rows * (p + 1)
+        return 4 * (p + 1)
     if compression in ("fp16", "bf16"):
-        return 2 * rows * (p + 2)  # the float32 loss travels bit-exact as two 16-bit halves
+        return 2 * (p + 2)  # the float32 loss travels bit-exact as two 16-bit halves
     if compression == "topk":
-        return 4 * rows * (2 * topk_count(p, s.topk_ratio) + 1)
-    return 4 * rows * (s.sketch_size + 1)
+        return 4 * (2 * topk_count(p, s.topk_ratio) + 1)
+    return 4 * (s.sketch_size + 1)

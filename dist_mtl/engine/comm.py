@@ -275,6 +275,30 @@ class Comm:
         if group.size > 1:
             self._run("barrier", group, lambda: dist.barrier(group=group.pg), (0, 0))
 
+    def start_send(self, tensor: torch.Tensor, group: Group, dst: int = 0, tag: int = 0) -> Pending:
+        """Point-to-point send of `tensor` to group rank `dst`, asynchronously: one round of a gather
+        spread over the backward passes (accounted like a gather's sender). `tag` tells the rounds
+        apart. gloo reports the send complete only once it is waited."""
+        moved = (_nbytes(tensor), 0)
+        return self._start(
+            "send",
+            group,
+            lambda: dist.isend(tensor, dst=group.ranks[dst], group=group.pg, tag=tag),
+            moved,
+        )
+
+    def start_receive(self, outs: Sequence[tuple[int, torch.Tensor]], group: Group, tag: int = 0) -> Pending:
+        """Point-to-point receives, asynchronously, from group rank j into each (j, buffer) of `outs`:
+        one round of a gather's root (accounted like it); one `Pending` for them all."""
+        if not outs:
+            return Pending(self, "receive", group, None)
+        moved = (0, sum(_nbytes(out) for _, out in outs))
+
+        def launch() -> _Works:
+            return _Works([dist.irecv(out, src=group.ranks[j], group=group.pg, tag=tag) for j, out in outs])
+
+        return self._start("receive", group, launch, moved)  # type: ignore[arg-type]
+
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
@@ -305,3 +329,17 @@ class Pending:
         self.work = None
         if self.comm.rec is not None:
             self.comm.rec.add_comm_seconds(time.perf_counter() - start)
+
+
+class _Works:
+    """Several point-to-point works seen as one (`Comm.start_receive`)."""
+
+    def __init__(self, works: Sequence[dist.Work]) -> None:
+        self.works = list(works)
+
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self.works)
+
+    def wait(self) -> None:
+        for w in self.works:
+            w.wait()
