@@ -257,6 +257,9 @@ class TaskParallelProtocol(Protocol):
         """
         with rec.phase("forward"):
             parts = task_loss_list(self.model.head_logits(self.model.encode(x), self.owned), y, counts)
+            losses = torch.stack(parts)
+            # In the block before any backward: an overlapped round may send a task's row with its loss.
+            self.block.losses[: self.mine].copy_(losses.detach())
         with rec.phase("backward"):
             for i, loss in enumerate(parts):  # the T/K backward passes are the step's work
                 self.shared_grad.buffer.zero_()
@@ -264,10 +267,8 @@ class TaskParallelProtocol(Protocol):
                 self.block.slots[i].copy_(self.block.source)
                 if self.overlapping:
                     self._start_round(i)
-            losses = torch.stack(parts)
             self.head_grad.buffer.zero_()
             losses.sum().backward(inputs=self.owned_heads)
-            self.block.losses[: self.mine].copy_(losses.detach())
         if self.overlapping:
             with rec.phase("exchange"):
                 for i in range(self.mine, self.t_max):  # rounds where only other ranks send
