@@ -2,12 +2,14 @@
 
 The training loop calls these hooks and never sees a process group; the step and the state object
 are created by `make_step`, once the trainer has built the model and optimizer. The engine never
-imports the trainer.
+imports the trainer. With `gramian` and engine.shard_optimizer the protocol steps a `ShardedOptimizer`
+(ZeRO-1: each rank steps 1/W of the shared parameters) in place of the trainer's optimizer, whose
+hyperparameters it follows and whose `state` holds this rank's part.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -22,7 +24,8 @@ from dist_mtl.engine.coordinator import Coordinator
 from dist_mtl.engine.fault import fault_injector
 from dist_mtl.engine.layout import Layout
 from dist_mtl.engine.protocols import Groups, StepContext, build_protocol, protocol_class
-from dist_mtl.engine.state import HeadShards, ReplicatedState
+from dist_mtl.engine.shard_optimizer import ShardedOptimizer, flatten_padded, shard_numel
+from dist_mtl.engine.state import HeadShards, ReplicatedState, ShardedState
 from dist_mtl.engine.stop_vote import StopVote
 from dist_mtl.engine.sync_norm import attach_norm_sync
 from dist_mtl.gradients import flatten_parameters
@@ -64,18 +67,44 @@ class Engine:
         self, cfg: RunConfig, model: MultiTaskModel, balancer: Balancer, optimizer: torch.optim.Optimizer
     ) -> Step:
         world = self.groups.world
-        checksum = ReplicaChecksum(
-            flatten_parameters(model.shared_parameters()), self.comm, world, cfg.engine.checksum_every
-        )
+        shared = model.shared_parameters()
+        # gramian with engine.shard_optimizer: the shared parameters are views of one (K S) tensor, so
+        # the ranks' updated slices are all-gathered straight into them
+        sharded = cfg.engine.shard_optimizer and cfg.engine.protocol == "gramian"
+        if sharded:
+            params = sum(p.numel() for p in shared)
+            k_size, replicas = self.layout.task_parallel, self.layout.replicas
+            chunks = cfg.engine.overlap_chunks if cfg.engine.overlap else 1  # the protocol's S
+            flat = flatten_padded(shared, k_size * shard_numel(params, k_size, replicas, True, chunks))
+            watched = flat[:params]
+        else:
+            flat = watched = flatten_parameters(shared)
+        checksum = ReplicaChecksum(watched, self.comm, world, cfg.engine.checksum_every)
         attach_norm_sync(model, cfg.engine.protocol, self.groups, self.comm, checksum)
         coordinator = Coordinator(balancer, self.comm, world, model.num_tasks, self.device)
         fault = fault_injector(self.rank, cfg.engine.timeout_s)
+        stepped: torch.optim.Optimizer | ShardedOptimizer = optimizer
         if protocol_class(cfg.engine.protocol).mode == "rep":  # every rank holds every head
             self.state = ReplicatedState(model, optimizer, balancer, self.comm)
+        elif sharded:  # heads with their owners, the shared parameters' state sliced over the world
+            owned = self.layout.tasks_of(self.layout.coords(self.rank)[1])
+            heads = [p for t in owned for p in model.head_parameters(t)]
+            stepped = ShardedOptimizer(optimizer, shared, flat, heads, self.layout, self.comm, self.groups)
+            self.state = ShardedState(
+                model, optimizer, balancer, self.comm, self.layout, self.groups, stepped
+            )
         else:  # heads live with the ranks that own their tasks
             self.state = HeadShards(model, optimizer, balancer, self.comm, self.layout, self.groups)
         ctx = StepContext(
-            cfg, model, optimizer, coordinator, self.layout, self.comm, self.groups, checksum, fault
+            cfg,
+            model,
+            cast(torch.optim.Optimizer, stepped),
+            coordinator,
+            self.layout,
+            self.comm,
+            self.groups,
+            checksum,
+            fault,
         )
         return build_protocol(cfg.engine.protocol, ctx)
 

@@ -5,6 +5,8 @@ complete for evaluation and checkpoints is one masked all-reduce over the task g
 contribute their heads, everyone else zeros). Optimizer state of a head exists only on its owners;
 at checkpoint time rank 0 gathers the owned heads' state from its task group and writes one
 checkpoint in the single-process format, so a run can resume on any layout, or on one process.
+`ShardedState` (gramian with engine.shard_optimizer): the shared parameters' state is sliced over the
+ranks too (`dist_mtl.engine.shard_optimizer`); saving gathers it over the world, loading slices it.
 `ReplicatedState` (rep): every rank holds everything, so rank 0's own state is the checkpoint.
 Both make BatchNorm running statistics consistent in `gather_model` (`dist_mtl.engine.sync_norm`):
 with `model.norm=batch` they are averaged over the ranks that normalise disjoint slices of the
@@ -14,6 +16,7 @@ use the same statistics.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 import torch
@@ -23,6 +26,7 @@ from dist_mtl.balancers import Balancer
 from dist_mtl.engine.comm import Comm
 from dist_mtl.engine.layout import Layout
 from dist_mtl.engine.protocols import Groups
+from dist_mtl.engine.shard_optimizer import ShardedOptimizer
 from dist_mtl.engine.sync_norm import average_running_stats
 from dist_mtl.gradients import flatten_parameters
 from dist_mtl.models import MultiTaskModel
@@ -86,15 +90,16 @@ class HeadShards(ReplicatedState):
 
     def state_dict(self) -> dict[str, Any]:
         """The full single-process checkpoint on rank 0 (an empty dict elsewhere)."""
+        index = {p: i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
+        shared = self._shared_state(index)
         if self.replica != 0:
             return {}
-        index = {p: i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
         mine = {index[p]: _to_cpu(self.optimizer.state[p]) for p in self.owned if p in self.optimizer.state}
         parts = self.comm.gather_object(mine, self.groups.task, dst=0)
         if parts is None:
             return {}
-        optimizer = self.optimizer.state_dict()
-        merged = dict(optimizer["state"])
+        optimizer = self._optimizer_state_dict()
+        merged = {**optimizer["state"], **shared}
         for part in parts:
             merged.update(part)
         optimizer["state"] = dict(sorted(merged.items()))
@@ -104,11 +109,55 @@ class HeadShards(ReplicatedState):
             "balancer": self.balancer.state_dict(),
         }
 
+    def _shared_state(self, index: dict[torch.Tensor, int]) -> dict[int, dict[str, Any]]:
+        """The shared parameters' state where the optimizer's own state_dict lacks it (every rank calls)."""
+        return {}
+
+    def _optimizer_state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         """Load the full checkpoint, then drop the optimizer state of heads this rank does not own."""
         super().load_state_dict(ckpt)
         for p in self.foreign:
             self.optimizer.state.pop(p, None)
+
+
+class ShardedState(HeadShards):
+    """State hooks of `gramian` with engine.shard_optimizer: each rank's optimizer state holds its
+    slice of the shared parameters (`ShardedOptimizer.mine`) and its heads. Saving gathers the slices
+    over the world into every shared parameter's single-process state on rank 0; loading a
+    single-process checkpoint keeps this rank's slice."""
+
+    def __init__(
+        self,
+        model: MultiTaskModel,
+        optimizer: torch.optim.Optimizer,
+        balancer: Balancer,
+        comm: Comm,
+        layout: Layout,
+        groups: Groups,
+        shards: ShardedOptimizer,
+    ) -> None:
+        super().__init__(model, optimizer, balancer, comm, layout, groups)
+        self.shards = shards
+
+    def _shared_state(self, index: dict[torch.Tensor, int]) -> dict[int, dict[str, Any]]:
+        return self.shards.gather_state(index)
+
+    def _optimizer_state_dict(self) -> dict[str, Any]:
+        """The trainer optimizer's state_dict format (param_groups, numbering) without its state, which
+        is keyed by a tensor (`mine`) outside its groups; the caller fills the state in."""
+        state = self.optimizer.state
+        self.optimizer.state = defaultdict(dict)
+        try:
+            return self.optimizer.state_dict()
+        finally:
+            self.optimizer.state = state
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        super().load_state_dict(ckpt)
+        self.shards.load_full()
 
 
 def _to_cpu(state: dict[str, Any]) -> dict[str, Any]:
