@@ -48,6 +48,8 @@ LR = 0.5
 CODECS = {
     "fp16": ["engine.protocol=gather", "engine.compression=fp16"],
     "bf16": ["engine.protocol=gather", "engine.compression=bf16"],
+    # gather's rows sent as each backward ends (the default) and, here, in one gather after the last
+    "bf16-at-once": ["engine.protocol=gather", "engine.compression=bf16", "engine.overlap=false"],
     "topk": ["engine.protocol=gather", "engine.compression=topk", "engine.topk_ratio=0.25"],
     "countsketch": ["engine.protocol=gather", "engine.compression=countsketch", "engine.sketch_size=512"],
     "sketch": ["engine.protocol=sketch", "engine.sketch_size=512"],
