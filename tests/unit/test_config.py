@@ -247,3 +247,15 @@ def test_max_scale_defaults_to_getmtl_s_and_reaches_the_balancer() -> None:
     assert build_balancer_for(cfg).max_scale == 4.0
     with pytest.raises(ConfigError, match="balancer.max_scale must be > 1; got 1.0"):
         load_config(None, ["balancer.name=getmtl", "balancer.max_scale=1"])
+
+
+def test_shard_optimizer_with_an_optimizer_that_is_not_elementwise_fails_at_load(monkeypatch) -> None:
+    """engine.shard_optimizer steps each rank's slice alone: an optimizer whose update of a coordinate
+    reads more than that coordinate (here SGD, declared not elementwise) is refused, naming the field;
+    sharding off, or a protocol that does not shard, loads."""
+    monkeypatch.setattr(config_module, "ELEMENTWISE_OPTIMIZERS", frozenset({"adam"}))
+    with pytest.raises(ConfigError, match=r"engine\.shard_optimizer.*optim\.name 'sgd'"):
+        load_config(None, ["optim.name=sgd"])
+    load_config(None, ["optim.name=sgd", "engine.shard_optimizer=false"])
+    load_config(None, ["optim.name=sgd", "engine.protocol=gather"])
+    load_config(None, ["optim.name=adam"])
