@@ -171,6 +171,9 @@ class EngineConfig:
     # start each owned task's exchange as soon as its backward ends, so it runs under the next task's
     # backward (exact protocols); in rep, all-reduce the encoder gradient in buckets during its backward
     overlap: bool = True
+    # gramian with overlap: each task's all-to-all goes in this many rounds along the shards, each sent
+    # while the task's own backward still runs, as soon as the parameters it covers have gradients
+    overlap_chunks: int = 4
     bucket_mb: float = 25.0  # rep with overlap: size of one gradient all-reduce bucket, in MiB
     # gramian: step the optimizer on this rank's shard of d only (1/K of the optimizer state, 1/W with
     # D > 1) and all-gather the updated parameters instead of d (ZeRO-1). Ignored by other protocols.
@@ -259,6 +262,7 @@ _POSITIVE = (
     "engine.timeout_s",
     "engine.sketch_size",
     "engine.bucket_mb",
+    "engine.overlap_chunks",
     "data.image_size",
     "data.input_dim",
     "model.rep_dim",
@@ -545,6 +549,10 @@ def _engine_needs(cfg: RunConfig) -> dict[str, tuple[bool, str]]:
         "sketch_size": (sketch, sketch_when),
         "sketch_seed": (sketch, sketch_when),
         "wire_dtype": (e.protocol == "gramian", "engine.protocol gramian"),
+        "overlap_chunks": (
+            e.protocol == "gramian" and e.overlap,
+            "engine.protocol gramian and engine.overlap true",
+        ),
         "bucket_mb": (e.protocol == "rep" and e.overlap, "engine.protocol rep and engine.overlap true"),
     }
 

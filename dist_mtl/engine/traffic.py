@@ -85,6 +85,7 @@ class StepShape:
     wire: int = F32  # bytes per element of the gramian all-to-all (engine.wire_dtype)
     sharded: bool = False  # engine.shard_optimizer on a gramian run with more than one rank
     bucket_bytes: int = 25 * 2**20  # rep with overlap: engine.bucket_mb in bytes
+    chunks: int = 4  # gramian with overlap: engine.overlap_chunks
 
     @classmethod
     def engine_options(cls, e: EngineConfig) -> dict[str, Any]:
@@ -94,6 +95,7 @@ class StepShape:
             "wire": 2 if e.wire_dtype == "bfloat16" else F32,
             "sharded": e.shard_optimizer and e.protocol == "gramian",
             "bucket_bytes": int(e.bucket_mb * 2**20),
+            "chunks": e.overlap_chunks,
             "compression": e.compression,
             "topk_ratio": e.topk_ratio,
             "sketch_size": e.sketch_size,

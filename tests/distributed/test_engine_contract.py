@@ -210,11 +210,11 @@ def sketch_cases() -> dict[str, list[str]]:
     }
 
 
-# Issue 8's engine options away from their defaults (overlap and the sharded optimizer are on by
-# default, so every case above runs them): the exchange in one all-to-all after the last backward, the
-# full optimizer on every rank, and the bfloat16 wire (lossy: its weights' error bound is derived and
-# checked in test_engine_lossy.py; here D > 1 and K = 3 must train, account their bytes and stay within
-# WIRE_TOLERANCE of the exact run).
+# Issue 8's engine options away from their defaults (overlap with 4 chunks per task and the sharded
+# optimizer are on by default, so every case above runs them): the exchange in one all-to-all after the
+# last backward, 1 or 3 overlap chunks, the full optimizer on every rank, and the bfloat16 wire (lossy:
+# its weights' error bound is derived and checked in test_engine_lossy.py; here D > 1 and K = 3 must
+# train, account their bytes and stay within WIRE_TOLERANCE of the exact run).
 ENGINE_OPTION_CASES = {
     3: {
         "atonce-1x3-getmtl-gramian": [
@@ -227,6 +227,11 @@ ENGINE_OPTION_CASES = {
             "balancer.name=mgda",
             "engine.shard_optimizer=false",
         ],
+        "chunks1-1x3-upgrad-gramian": [
+            *layout_overrides(1, 3),
+            "balancer.name=upgrad",
+            "engine.overlap_chunks=1",
+        ],
         "wire-1x3-mgda-gramian": [
             *layout_overrides(1, 3),
             "balancer.name=mgda",
@@ -235,6 +240,11 @@ ENGINE_OPTION_CASES = {
     },
     4: {
         "atonce-2x2-mgda-gramian": [*layout_overrides(2, 2), "balancer.name=mgda", "engine.overlap=false"],
+        "chunks3-2x2-getmtl-gramian": [
+            *layout_overrides(2, 2),
+            "balancer.name=getmtl",
+            "engine.overlap_chunks=3",
+        ],
         "unsharded-2x2-mamg-gramian": [
             *layout_overrides(2, 2),
             "balancer.name=mamg",

@@ -140,15 +140,35 @@ class TaskParallelProtocol(Protocol):
                 self.rest.wait()
                 self.rest = None
 
+    def begin_task(self, i: int) -> None:
+        """Owned task i's backward is about to run (a protocol that sends parts of it while it runs
+        arms its gradient hooks here)."""
+
+    def end_task(self, i: int) -> None:
+        """Owned task i's backward has ended: its gradient goes into its slot and, with overlap, its
+        round starts."""
+        self.block.slots[i].copy_(self.block.source)
+        if self.overlapping:
+            self._start_round(i)
+
+    def start_foreign_rounds(self) -> None:
+        """Overlap, after the last backward: the rounds in which only other ranks send."""
+        for i in range(self.mine, self.t_max):
+            self._start_round(i)
+
     def _start_round(self, i: int) -> None:
-        replica: list[Stage] = []
-        if self.replicas > 1:  # every chain has the same stages, so stage s is on one group
-            if i < self.mine:
-                row = self.task_row(i)
-                replica = [lambda: self.comm.start_all_reduce(row, self.groups.replica)]
-            else:
-                replica = [lambda: None]
-        self.pipeline.start(replica + self.task_stages(i))
+        self.pipeline.start(
+            self.replica_stages(self.task_row(i) if i < self.mine else None) + self.task_stages(i)
+        )
+
+    def replica_stages(self, row: torch.Tensor | None) -> list[Stage]:
+        """D > 1: a round's first stage, the replica all-reduce of `row` (None: a round without data
+        of this rank's, a stage that does nothing), so that stage s of every chain is on one group."""
+        if self.replicas == 1:
+            return []
+        if row is None:
+            return [lambda: None]
+        return [lambda: self.comm.start_all_reduce(row, self.groups.replica)]
 
     @abstractmethod
     def exchange(self, rec: StepRecorder) -> Solution:
@@ -263,15 +283,13 @@ class TaskParallelProtocol(Protocol):
         with rec.phase("backward"):
             for i, loss in enumerate(parts):  # the T/K backward passes are the step's work
                 self.shared_grad.buffer.zero_()
+                self.begin_task(i)
                 loss.backward(retain_graph=True, inputs=self.shared)
-                self.block.slots[i].copy_(self.block.source)
-                if self.overlapping:
-                    self._start_round(i)
+                self.end_task(i)
             self.head_grad.buffer.zero_()
             losses.sum().backward(inputs=self.owned_heads)
         if self.overlapping:
             with rec.phase("exchange"):
-                for i in range(self.mine, self.t_max):  # rounds where only other ranks send
-                    self._start_round(i)
+                self.start_foreign_rounds()
                 if self.replicas > 1:
                     self.rest = self.comm.start_all_reduce(self.overlap_rest(), self.groups.replica)

@@ -15,10 +15,20 @@ received rows are in round order (`order`: the task of each row), and the partia
 accumulated a round at a time as the rows arrive: round i's rows against every row received so far
 (the lower triangle), mirrored once at the end and put back into task order (a T x T gather).
 
+Each task's round is further split in engine.overlap_chunks rounds along the shards (chunk c is the
+c-th of the C equal parts of every shard), each launched during the task's own backward as soon as
+every parameter it covers has its gradient (post-accumulate-grad hooks), last chunk first, the order
+backward produces them; so after the last backward only its first chunk is still to go. The block is
+then (T_k, C, K, s), the received rows (C, T, s), s = S / C, and the Gramian is the sum over chunks.
+
 engine.wire_dtype=bfloat16: the shards travel as bfloat16 (half the all-to-all bytes) and the partial
 Gramian is formed from them (upcast to float32); d is not formed from them but from the exact local
 gradients: each rank forms sum over its tasks of c_t g_t (all of P) and a reduce-scatter leaves rank k
 with shard k of the exact d, as the lossy codecs of `gather` do (DESIGN section 2).
+
+engine.shard_optimizer (`dist_mtl.engine.shard_optimizer`, ZeRO-1): S is a multiple of D, shard k of d
+is formed in place in the shared gradient buffer, and instead of the all-gather of d the optimizer
+steps sub-shard r of shard k only and all-gathers the updated parameters (D = 1: the same bytes).
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from dist_mtl.engine.comm import Pending
 from dist_mtl.engine.pipeline import Stage
 from dist_mtl.engine.protocols.base import StepContext, solution_bytes
 from dist_mtl.engine.protocols.exact import TaskBlock, TaskParallelProtocol
+from dist_mtl.engine.shard_optimizer import ShardedOptimizer, gather_bytes, shard_numel
 from dist_mtl.engine.traffic import (
     F32,
     StepShape,
@@ -45,6 +56,21 @@ from dist_mtl.solve import Solution
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def chunk_cover(sizes: list[int], k_size: int, shard: int, chunks: int) -> list[list[int]]:
+    """For each parameter (flat sizes, in order), the chunks c whose ranges [j S + c s, j S + (c+1) s),
+    j < K, s = S / C, hold part of it."""
+    chunk, offset, cover = shard // chunks, 0, []
+    for n in sizes:
+        lo, hi, covered = offset, offset + n, set()
+        for j in range(k_size):  # the part of the parameter in shard j, in chunks of that shard
+            a, b = max(lo, j * shard), min(hi, (j + 1) * shard)
+            if a < b:
+                covered.update(range((a - j * shard) // chunk, (b - 1 - j * shard) // chunk + 1))
+        cover.append(sorted(covered))
+        offset = hi
+    return cover
+
+
 class GramianProtocol(TaskParallelProtocol):
     """Sharded Gramian: all-to-all of shards, reduce of T x T, broadcast of c, all-gather of d."""
 
@@ -52,6 +78,10 @@ class GramianProtocol(TaskParallelProtocol):
     overlaps = True
 
     def __init__(self, ctx: StepContext) -> None:
+        # engine.shard_optimizer (Engine.make_step hands over a ShardedOptimizer): S a multiple of D,
+        # d formed in place in the shared gradient buffer, and the optimizer gathers parameters, not d
+        self.sharded = isinstance(ctx.optimizer, ShardedOptimizer)
+        self.chunks = ctx.cfg.engine.overlap_chunks if ctx.cfg.engine.overlap else 1
         super().__init__(ctx)
         t, shard, k_size = self.num_tasks, self.shard, self.k_size
         self.wire_dtype = WIRE_DTYPES[ctx.cfg.engine.wire_dtype]
@@ -85,14 +115,38 @@ class GramianProtocol(TaskParallelProtocol):
         if self.overlapping and self.partial is not None:
             self.rows_gramian = torch.zeros(t, t, device=self.device)
         in_place = alone and not self.lossy
-        self.d_shard = self.block.direction if in_place else torch.zeros(shard, device=self.device)
+        if self.sharded:  # shard k of d in place, where the optimizer's slice reads its gradient
+            self.d_shard = self.block.direction[self.k * shard : (self.k + 1) * shard]
+            self.optimizer.attach(self.block.direction)
+        else:
+            self.d_shard = self.block.direction if in_place else torch.zeros(shard, device=self.device)
         self.local_d = torch.zeros(k_size * shard, device=self.device) if self.lossy else None
         self.nothing = torch.zeros(0, dtype=self.wire_dtype, device=self.device)
+        self.current: int | None = None  # the owned task whose backward is running (overlap)
+        self.hooked = self.overlapping and self.chunks > 1
+        if self.hooked:
+            self._arm_hooks()
+
+    def _arm_hooks(self) -> None:
+        """A hook per shared parameter that launches a chunk's round once every parameter it covers
+        has accumulated its gradient (within a task's backward only)."""
+        sizes = [p.numel() for p in self.shared]
+        self.chunks_of = chunk_cover(sizes, self.k_size, self.shard, self.chunks)
+        self.waiting = [sum(c in cs for cs in self.chunks_of) for c in range(self.chunks)]
+        self.fired = [0] * len(self.shared)
+        self.early = 0  # chunk rounds launched this step while their task's backward still ran
+        for index, p in enumerate(self.shared):
+            p.register_post_accumulate_grad_hook(lambda _p, index=index: self._on_gradient(index))
 
     @property
     def shard(self) -> int:
-        """S = ceil(P / K): the last shard is zero-padded."""
-        return -(-self.params // self.k_size)
+        """S = ceil(P / K) (a multiple of D with the sharded optimizer): the last shard is zero-padded."""
+        return shard_numel(self.params, self.k_size, self.replicas, self.sharded, self.chunks)
+
+    @property
+    def chunk(self) -> int:
+        """s = S / C: the elements of one shard in one chunk (overlap)."""
+        return self.shard // self.chunks
 
     def block_numel(self) -> int:
         return self.t_max + self.k_size * self.mine * self.shard
@@ -102,21 +156,28 @@ class GramianProtocol(TaskParallelProtocol):
 
     def make_block(self, flat: torch.Tensor, direction: torch.Tensor) -> TaskBlock:
         """[losses (T_max) | grads]: grads (K, T_k, S), shard-major, so that one all-to-all needs no
-        copy (task i's slot is column i of every shard); with overlap (T_k, K, S), task-major, so that
-        task i's round sends one contiguous row. The shared gradient is seen as (K, S) to match."""
-        mine, k_size, s = self.mine, self.k_size, self.shard
-        grads = flat[self.t_max :].view((mine, k_size, s) if self.overlapping else (k_size, mine, s))
-        slots = [grads[i] if self.overlapping else grads[:, i] for i in range(self.mine)]
+        copy (task i's slot is column i of every shard), the shared gradient seen as (K, S) to match;
+        with overlap (T_k, C, K, s), so that chunk c of task i's gradient, the round it sends, is one
+        contiguous (K, s) row, and the shared gradient is seen as (C, K, s) to match."""
+        mine, k_size, s, c_size = self.mine, self.k_size, self.shard, self.chunks
+        if self.overlapping:
+            grads = flat[self.t_max :].view(mine, c_size, k_size, s // c_size)
+            slots = [grads[i] for i in range(mine)]
+            source = direction.view(k_size, c_size, s // c_size).transpose(0, 1)
+        else:
+            grads = flat[self.t_max :].view(k_size, mine, s)
+            slots = [grads[:, i] for i in range(mine)]
+            source = direction.view(k_size, s)
         return TaskBlock(
             losses=flat[: self.t_max],
             grads=grads,
             filled=flat.numel(),
             slots=slots,
             direction=direction,
-            source=direction.view(self.k_size, self.shard),
+            source=source,
         )
 
-    # --- overlap: round i of the all-to-all, then round i's Gramian rows ---------------------------
+    # --- overlap: chunk c of round i of the all-to-all, then its Gramian rows ---------------------
 
     def task_row(self, i: int) -> torch.Tensor:
         return self.block.grads[i]
@@ -124,47 +185,119 @@ class GramianProtocol(TaskParallelProtocol):
     def overlap_rest(self) -> torch.Tensor:
         return self.replica_part[: self.head_grad.buffer.numel() + self.t_max]
 
-    def task_stages(self, i: int) -> list[Stage]:
+    def begin_task(self, i: int) -> None:
+        if i == 0 and self.rows_gramian is not None:
+            self.rows_gramian.zero_()
+        if not self.hooked:
+            return
+        self.current, self.next_chunk = i, self.chunks - 1
+        self.remaining = list(self.waiting)
+        self.fired = [0] * len(self.shared)
+        self._launch_ready()
+
+    def end_task(self, i: int) -> None:
+        """Every chunk not launched yet (a parameter without a gradient never fires) goes now; a
+        parameter whose gradient accumulated twice (used twice in the forward) fails the step, since its
+        chunk may have left with half of it."""
+        if not self.overlapping:
+            super().end_task(i)
+            return
+        if not self.hooked:  # one chunk: the task's round goes when its backward has ended
+            self._start_chunk(i, 0)
+            return
+        self.remaining = [-1] * self.chunks  # forced: -1 tells _launch_ready it was not early
+        self._launch_ready()
+        self.current = None
+        if any(n > 1 for n in self.fired):
+            twice = [index for index, n in enumerate(self.fired) if n > 1]
+            raise RuntimeError(
+                f"shared parameters {twice} received their gradient in several parts within one task's "
+                "backward (used more than once in the forward), so engine.overlap_chunks cannot tell when "
+                "they are complete; set engine.overlap_chunks=1 or engine.overlap=false"
+            )
+
+    def _on_gradient(self, index: int) -> None:
+        if self.current is None:  # the one-backward path, evaluation tools: not a task's backward
+            return
+        self.fired[index] += 1
+        for c in self.chunks_of[index]:
+            self.remaining[c] -= 1
+        self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        """Launch chunks in the order C-1, ..., 0 (the same on every rank), each once it is complete."""
+        assert self.current is not None
+        while self.next_chunk >= 0 and self.remaining[self.next_chunk] <= 0:
+            self._start_chunk(self.current, self.next_chunk)
+            self.early += self.remaining[self.next_chunk] == 0  # not forced by end_task
+            self.next_chunk -= 1
+
+    def _start_chunk(self, i: int, c: int) -> None:
+        row = self.block.grads[i, c]
+        row.copy_(self.block.source[c])
+        self.pipeline.start(self.replica_stages(row) + self._chunk_stages(i, c))
+
+    def start_foreign_rounds(self) -> None:
+        for i in range(self.mine, self.t_max):
+            for c in reversed(range(self.chunks)):
+                self.pipeline.start(self.replica_stages(None) + self._chunk_stages(i, c))
+
+    def _chunk_stages(self, i: int, c: int) -> list[Stage]:
         if not self.needs_rows:
             return []
-        return [lambda: self._start_all_to_all(i), lambda: self._accumulate(i)]
+        return [lambda: self._start_all_to_all(i, c), lambda: self._accumulate(i, c)]
 
-    def _round(self, i: int) -> slice:
-        """Elements of round i's rows in the received buffers."""
-        return slice(self.round_rows[i] * self.shard, self.round_rows[i + 1] * self.shard)
+    def _rows(self, i: int) -> slice:
+        """Rows of round i among the T received rows."""
+        return slice(self.round_rows[i], self.round_rows[i + 1])
 
-    def _start_all_to_all(self, i: int) -> Pending | None:
-        mine, s = i < self.mine, self.shard
-        send = self.block.grads[i].view(-1) if mine else self.nothing
+    def _start_all_to_all(self, i: int, c: int) -> Pending | None:
+        mine, s = i < self.mine, self.chunk
+        send = self.block.grads[i, c].view(-1) if mine else self.nothing
         if self.lossy and mine:
-            wire = self.wire[i * self.k_size * s : (i + 1) * self.k_size * s]
+            assert self.wire is not None
+            wire = self.wire.view(self.mine, self.chunks, -1)[i, c]
             wire.copy_(send)
             send = wire
         if self.k_size == 1:
             return None
-        out = (self.wire_received if self.lossy else self.received)[self._round(i)]
+        rows = self._rows(i)
+        target = self.wire_received if self.lossy else self.received
+        assert target is not None
+        out = target.view(self.chunks, self.num_tasks, s)[c, rows].view(-1)
         in_splits = [s if mine else 0] * self.k_size
         out_splits = [s if i < n else 0 for n in self.split]
         return self.comm.start_all_to_all(out, send, out_splits, in_splits, self.groups.task)
 
-    def _accumulate(self, i: int) -> None:
-        """Round i's rows have arrived: upcast them (bfloat16 wire) and, on replica 0, their Gramian
-        rows against every row so far."""
-        rows = self._round(i)
+    def _accumulate(self, i: int, c: int) -> None:
+        """Chunk c of round i has arrived: upcast it (bfloat16 wire) and, on replica 0, add its Gramian
+        rows against every row received so far (the lower triangle)."""
+        t, s, rows = self.num_tasks, self.chunk, self._rows(i)
         if self.lossy:
             assert self.received is not None and self.wire is not None
-            source = self.wire_received if self.k_size > 1 else self.wire
-            self.received[rows].copy_(source[rows])
-        if self.rows_gramian is None or self.partial is None:
+            if self.k_size > 1:
+                assert self.wire_received is not None
+                source = self.wire_received.view(self.chunks, t, s)[c, rows]
+            else:  # nothing travelled: this rank's own rounded rows
+                source = self.wire.view(t, self.chunks, s)[rows, c]
+            self.received.view(self.chunks, t, s)[c, rows].copy_(source)
+        if self.rows_gramian is None:
             return
         assert self.rec is not None
         with self.rec.phase("solve"):
-            shards = self._shards()
-            lo, hi = self.round_rows[i], self.round_rows[i + 1]
-            self.rows_gramian[lo:hi, :hi] = shards[lo:hi] @ shards[:hi].T
+            chunk = self._chunk_rows(c)
+            self.rows_gramian[rows, : rows.stop] += chunk[rows] @ chunk[: rows.stop].T
+
+    def _chunk_rows(self, c: int) -> torch.Tensor:
+        """(T, s): chunk c of every task's shard, rows in `order` (overlap)."""
+        t, s = self.num_tasks, self.chunk
+        if self.received is None:  # K = 1, float32: the block itself, (T, C, 1, s)
+            return self.block.grads.view(t, self.chunks, s)[:, c]
+        return self.received.view(self.chunks, t, s)[c]
 
     def _shards(self) -> torch.Tensor:
-        """(T, S) received shards in `order` (the block itself with K = 1 and a float32 wire)."""
+        """(T, S) received shards in task order (no overlap; the block itself with K = 1 and a float32
+        wire)."""
         source = self.block.grads if self.received is None else self.received
         return source.view(self.num_tasks, self.shard)
 
@@ -178,7 +311,6 @@ class GramianProtocol(TaskParallelProtocol):
             self._exchange_at_once(rec)
         gramian = losses = None
         if self.partial is not None:
-            shards = self._shards()
             gramian, losses = self.partial[: t * t].view(t, t), self.partial[t * t :]
             with rec.phase("solve"):
                 if self.rows_gramian is not None:  # lower triangle in round order -> symmetric, task order
@@ -186,23 +318,42 @@ class GramianProtocol(TaskParallelProtocol):
                     m.copy_(torch.tril(m) + torch.tril(m, -1).T)
                     torch.index_select(m.index_select(0, self.inverse), 1, self.inverse, out=gramian)
                 else:
+                    shards = self._shards()
                     torch.mm(shards, shards.T, out=gramian)
                 losses.zero_()
                 losses[self.owned.start : self.owned.stop] = b.losses[: self.mine]
             with rec.phase("exchange"):
                 self.comm.reduce(self.partial, task, dst=0)
         solution, c = self.coordinator.solve(gramian, losses, rec)
+        if self.hooked:  # how much of the exchange left while backward passes still ran
+            solution.info["overlap/early_chunks"] = float(self.early)
+            self.early = 0
         if solution.skipped:
             return solution
         with rec.phase("apply"):
             if self.lossy:
                 self._exact_d_shard(c, rec)
             else:
-                shards = self._shards()
-                torch.mv(shards.T, c.to(shards.dtype)[self.order], out=self.d_shard)
-            with rec.phase("exchange"):
-                self.comm.all_gather(b.direction, self.d_shard, task)
+                self._d_shard(c.to(self.d_shard.dtype)[self.order])
+            if not self.sharded:  # sharded: the optimizer steps shard k and gathers the parameters
+                with rec.phase("exchange"):
+                    self.comm.all_gather(b.direction, self.d_shard, task)
         return solution
+
+    def _d_shard(self, c: torch.Tensor) -> None:
+        """Shard k of d = G c from the rows this rank holds (`c` in `order`)."""
+        if not self.overlapping or self.received is None:  # (T, S) rows, or the (T, C, 1, s) block
+            torch.mv(
+                self.block.grads.view(self.num_tasks, -1).T if self.received is None else self._shards().T,
+                c,
+                out=self.d_shard,
+            )
+        else:  # (C, T, s) rows: one vector-matrix product per chunk
+            torch.matmul(
+                c,
+                self.received.view(self.chunks, self.num_tasks, self.chunk),
+                out=self.d_shard.view(self.chunks, self.chunk),
+            )
 
     def _exchange_at_once(self, rec: StepRecorder) -> None:
         """No overlap: one all-to-all of the whole block after the last backward."""
@@ -229,8 +380,9 @@ class GramianProtocol(TaskParallelProtocol):
         assert self.local_d is not None
         own = c.to(self.local_d.dtype)[self.owned.start : self.owned.stop]
         grads = self.block.grads
-        if self.overlapping:  # (T_k, K, S)
-            torch.mv(grads.view(self.mine, -1).T, own, out=self.local_d)
+        if self.overlapping:  # (T_k, C, K, s) -> (K, C, s)
+            by_chunk = (own @ grads.view(self.mine, -1)).view(self.chunks, self.k_size, self.chunk)
+            self.local_d.view(self.k_size, self.chunks, self.chunk).copy_(by_chunk.transpose(0, 1))
         else:  # (K, T_k, S): one batched vector-matrix product per shard, no copy of the block
             torch.matmul(own, grads, out=self.local_d.view(self.k_size, self.shard))
         with rec.phase("exchange"):
@@ -240,7 +392,9 @@ class GramianProtocol(TaskParallelProtocol):
     def bytes_per_step(cls, shape: StepShape, rank: int) -> tuple[int, int]:
         t, k_size = shape.tasks, shape.k
         r, k = divmod(rank, k_size)
-        shard, mine = -(-shape.params // k_size), shape.split[k]
+        chunks = shape.chunks if shape.overlap else 1
+        shard = shard_numel(shape.params, k_size, shape.replicas, shape.sharded, chunks)
+        mine = shape.split[k]
         wire = shape.wire
         send = [wire * mine * shard] * k_size
         recv = [wire * n * shard for n in shape.split]
@@ -249,7 +403,7 @@ class GramianProtocol(TaskParallelProtocol):
             head = shape.head_params[k] if shape.head_params else 0
             replica = total(
                 all_reduce_bytes(F32 * shape.split[k], shape.replicas),
-                *[all_reduce_bytes(F32 * k_size * shard, shape.replicas)] * mine,
+                *[all_reduce_bytes(F32 * k_size * (shard // chunks), shape.replicas)] * (mine * chunks),
                 all_reduce_bytes(F32 * (head + max(shape.split)), shape.replicas),
             )
         else:
@@ -263,5 +417,11 @@ class GramianProtocol(TaskParallelProtocol):
             reduce_bytes(F32 * (t * t + t), k_size, k == 0) if r == 0 else (0, 0),
             solution_bytes(shape, rank),
             lossy_d,
-            all_gather_bytes(F32 * shard, k_size),
+            gather_bytes(shape) if shape.sharded else all_gather_bytes(F32 * shard, k_size),
         )
+
+    @classmethod
+    def single_backward_bytes(cls, shape: StepShape, rank: int) -> tuple[int, int]:
+        """The exact protocols' one-backward step; with the sharded optimizer, its parameter gathers."""
+        base = super().single_backward_bytes(shape, rank)
+        return total(base, gather_bytes(shape)) if shape.sharded else base
