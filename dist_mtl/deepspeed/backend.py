@@ -7,15 +7,18 @@ gradients detached for that call, so it neither updates them nor allocates their
 encoder steps through a DeepSpeed engine over `Surrogate`, DeepSpeed's own copy of the encoder's
 parameters, whose forward is sum_i <theta_i, v_i> with v detached: its gradient is v. Each rank
 back-propagates it with v = d through `engine.backward`, DeepSpeed averages the W identical gradients
-(exactly d for W a power of two) into its ZeRO partitions, `engine.step()` runs the trainer's optimizer
-class on them (ZeRO 1: state sharded, 2: + gradients, 3: + parameters; bf16; CPU offload), and the
-updated parameters are copied into the model the protocols compute with.
+(exactly d for W a power of two) into its ZeRO partitions, and `engine.step()` runs the trainer's
+optimizer class on them (ZeRO 1: state sharded, 2: + gradients, 3: + parameters; bf16; CPU offload).
+With ZeRO 0-2 in float32 the model's shared parameters are views of DeepSpeed's, so its step updates
+them in place; under ZeRO 3 (partitioned) and bf16 (bfloat16) the model keeps a float32 copy that the
+updated parameters are gathered / cast into after each step.
 
 What this costs against the torch backend (bench/deepspeed_step.py measures it): DeepSpeed's own
 gradient reduction (reduce-scatter or all-reduce, about P values per rank) and parameter all-gather
-after the step (P), on top of the protocol's exchange that already made d whole; plus DeepSpeed's
-parameter copy (P, P/W under ZeRO 3) next to the model's. The surrogate backward itself is one
-multiply per parameter. A seam where the protocol hands DeepSpeed its shard of d before the
+after the step (P; one more gather for the copy under ZeRO 3), on top of the protocol's exchange that
+already made d whole; DeepSpeed's float32 master partition (P/W) next to the parameters, and under
+ZeRO 3 the model's whole copy next to DeepSpeed's 1/W. The surrogate backward itself is one multiply
+per parameter. A seam where the protocol hands DeepSpeed its shard of d before the
 all-gather (gramian: v_k = K x shard k, zero elsewhere) would drop the protocol's all-gather.
 
 Checkpoints stay in the single-process format: the model is whole on every rank; the shared
@@ -77,9 +80,16 @@ class SharedStep:
     which the trainer sets every step."""
 
     def __init__(
-        self, engine: Any, shared: Sequence[nn.Parameter], heads: torch.optim.Optimizer, stage: int
+        self,
+        engine: Any,
+        shared: Sequence[nn.Parameter],
+        heads: torch.optim.Optimizer,
+        stage: int,
+        aliased: bool,
     ) -> None:
+        """`aliased`: the model's shared parameters are views of DeepSpeed's (nothing to copy back)."""
         self.engine, self.shared, self.heads, self.stage = engine, list(shared), heads, stage
+        self.aliased = aliased
         self.ds_params = list(engine.module.parameters())
 
     @property
@@ -107,12 +117,13 @@ class SharedStep:
         loss = self.engine(directions)
         self.engine.backward(loss)
         self.engine.step()
-        self.copy_back()
+        if not self.aliased:
+            self.copy_back()
 
     @torch.no_grad()
     def copy_back(self) -> None:
-        """DeepSpeed's updated parameters into the model the protocols compute with (a gather first
-        under ZeRO 3, where each rank holds 1/W of them)."""
+        """DeepSpeed's updated parameters into the model the protocols compute with: a gather first
+        under ZeRO 3, where each rank holds 1/W of them; a cast from bfloat16 with bf16."""
         if self.stage == 3:
             with deepspeed.zero.GatheredParameters(self.ds_params):
                 torch._foreach_copy_(self.shared, self.ds_params)
@@ -121,8 +132,8 @@ class SharedStep:
 
 
 class _LiveChecksum(ReplicaChecksum):
-    """The replica checksum over the shared parameters as they are when it runs (DeepSpeed's step
-    writes them with a copy, not through one flat tensor the torch engine would own)."""
+    """The replica checksum over the shared parameters as they are when it runs (their storage is
+    DeepSpeed's, or refreshed by a copy, not one flat tensor the torch engine would own)."""
 
     def __init__(self, params: Sequence[nn.Parameter], *args: Any) -> None:
         self.params = list(params)
@@ -158,7 +169,14 @@ class DeepSpeedBackend(Engine):
         self.stage = cfg.engine.zero_stage
         self.heads_optimizer = optimizer
         self.shared = shared
-        self.shared_step = SharedStep(self.ds_engine, shared, optimizer, self.stage)
+        # ZeRO 0-2 in float32 keep whole float32 parameters on every rank: the model's become views of
+        # DeepSpeed's (one copy, updated in place by its step). ZeRO 3 partitions them and bf16 holds
+        # them in bfloat16, so there the model keeps its own float32 copy, refreshed after each step.
+        self.aliased = self.stage < 3 and not cfg.engine.bf16
+        if self.aliased:
+            for q, p in zip(shared, self.ds_engine.module.parameters(), strict=True):
+                q.data = p.data
+        self.shared_step = SharedStep(self.ds_engine, shared, optimizer, self.stage, self.aliased)
         checksum = _LiveChecksum(shared, self.comm, world, cfg.engine.checksum_every)
         attach_norm_sync(model, cfg.engine.protocol, self.groups, self.comm, checksum)
         coordinator = Coordinator(balancer, self.comm, world, model.num_tasks, self.device)
@@ -253,7 +271,7 @@ class DeepSpeedBackend(Engine):
             if partitioned:  # the float32 master; DeepSpeed's own copy follows at its next step
                 for p, q in zip(params, self.shared, strict=True):
                     safe_set_full_fp32_param(p, q.detach().float())
-            else:
+            elif not self.aliased:
                 torch._foreach_copy_(params, self.shared)
         saved = ckpt["optimizer"]["state"]
         slots = self._slots()

@@ -29,6 +29,8 @@ REFUSED = {
     "gradient_accumulation_steps": "every engine step is one optimizer step",
 }
 
+BUCKET_ELEMENTS = 25 * 2**20 // 4  # 25 MiB of float32, engine.bucket_mb's default
+
 
 def _refused(key: str, value: Any) -> bool:
     """Whether the file's `key` asks for something the engine cannot honour (disabled sections pass)."""
@@ -88,6 +90,11 @@ def deepspeed_settings(engine: EngineConfig, world_size: int) -> tuple[dict[str,
     out["zero_allow_untested_optimizer"] = True
     out["zero_force_ds_cpu_optimizer"] = False
     out.setdefault("steps_per_print", 2**31 - 1)
+    # DeepSpeed's default buckets hold 5e8 elements (2 GB of float32 allocated at the first backward);
+    # the engine's own 25 MiB unless the file sets them.
+    zero = out["zero_optimization"]
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        zero.setdefault(key, BUCKET_ELEMENTS)
     return out, notes
 
 
