@@ -4,20 +4,21 @@ parameters only, and the updated slices are all-gathered instead of d.
 After the gramian exchange rank (r, k) of a D x K layout holds shard k of d (S elements). With the
 optimizer sharded, S is a multiple of D (S = D ceil(P / (K D)), the tail zero-padded) and the rank's
 slice is sub-shard r of shard k: n = S / D elements at offset k S + r n of the flat shared
-parameters, which `flatten_padded` lays out as views of one (K S) tensor. The rank's optimizer steps a
-flat float32 copy of that slice (`mine`, its gradient a view of the same slice of the shared gradient
-buffer, where the protocol leaves d) together with the rank's own heads, in one `step()` of the
+parameters, which `flatten_padded` lays out as views of one (K S) tensor. The rank's optimizer steps
+that slice in place as one flat parameter (`mine`, a view; its gradient the same slice of the shared
+gradient buffer, where the protocol leaves d) together with the rank's own heads, in one `step()` of the
 trainer's optimizer class with the trainer's hyperparameters (the trainer sets the learning rate on
 its own optimizer every step; they are copied over before each step). Adam and SGD update each
 coordinate from its own gradient and state alone (config.ELEMENTWISE_OPTIMIZERS), so the slices
 stepped apart equal the whole stepped at once, element for element.
 
-The parameters are then made whole again: D = 1, one all-gather of the slices over the task group
-(the bytes of the all-gather of d it replaces); D > 1, an all-gather over the replica group into the
-rank's shard of the shared gradient buffer (scratch once the step is done; the next backward zeroes
-it), then an all-gather of that shard over the task group (with K = 1 the first one fills the
-parameters). Against the unsharded step, D > 1 adds the replica all-gather, (D - 1) n floats each way:
-the price of 1/W of the state instead of 1/K (`gather_bytes`).
+The parameters are then made whole again by in-place all-gathers (each rank's input is its own chunk
+of the output, as NCCL's in-place all-gather and ZeRO do; gloo stages the output and copies it back,
+and the distributed tests hold it to the single-process trainer): D = 1, one all-gather of the slices
+over the task group (the bytes of the all-gather of d it replaces); D > 1, first the slices of shard
+k over the replica group, then the shards over the task group (a group of one moves nothing). Against
+the unsharded step, D > 1 adds the replica all-gather, (D - 1) n floats each way: the price of 1/W of
+the state instead of 1/K (`gather_bytes`). No copy of the slice is kept.
 
 State: this rank's entries (its slice under the parameter `mine`, its heads) live in the trainer's
 optimizer's own `state`, which the inner optimizer shares, so whoever measures `optimizer.state` on a
@@ -103,9 +104,9 @@ class ShardedOptimizer:
             raise ValueError(f"the flat shared parameters hold {flat.numel()} elements, not K S with D | S")
         self.numel = self.shard // self.replicas  # n
         self.offset = self.k * self.shard + self.replica * self.numel
-        self.mine = flat[self.offset : self.offset + self.numel].clone()
+        self.mine = flat[self.offset : self.offset + self.numel]  # stepped in place
         self.mine.grad = torch.zeros_like(self.mine)  # until `attach` points it at the protocol's d
-        self.staging: torch.Tensor | None = None
+        self.own_shard = flat[self.k * self.shard : (self.k + 1) * self.shard]
         hyper = {key: value for key, value in main.param_groups[0].items() if key != "params"}
         self.inner = type(main)([{"params": [self.mine, *owned_heads], **hyper}], **main.defaults)
         self.inner.state = main.state
@@ -122,12 +123,10 @@ class ShardedOptimizer:
 
     def attach(self, direction: torch.Tensor) -> None:
         """`direction`: the protocol's (K S) shared gradient buffer, which holds d (all of it, or at
-        least shard k) when `step` runs; the slice's gradient is a view of it and, with D > 1 and
-        K > 1, shard k of it stages the replica all-gather."""
+        least shard k) when `step` runs; the slice's gradient is a view of it."""
         if direction.numel() != self.k_size * self.shard:
             raise ValueError(f"the shared gradient buffer holds {direction.numel()} elements, not K S")
         self.mine.grad = direction[self.offset : self.offset + self.numel]
-        self.staging = direction[self.k * self.shard : (self.k + 1) * self.shard]
 
     def step(self) -> None:
         """One step of the slice and the owned heads with the trainer's current hyperparameters, then
@@ -142,22 +141,11 @@ class ShardedOptimizer:
             self.gather()
 
     def gather(self) -> None:
-        """Every rank's updated slice into the flat shared parameters."""
-        task, replica = self.groups.task, self.groups.replica
-        if self.replicas == 1:
-            self.comm.all_gather(self.flat, self.mine, task)
-        elif self.k_size == 1:
-            self.comm.all_gather(self.flat, self.mine, replica)
-        else:
-            if self.staging is None:
-                raise RuntimeError("ShardedOptimizer.attach must give the shared gradient buffer first")
-            self.comm.all_gather(self.staging, self.mine, replica)
-            self.comm.all_gather(self.flat, self.staging, task)
-
-    def refresh(self) -> None:
-        """Copy this rank's slice from the flat parameters (after they were loaded)."""
-        with torch.no_grad():
-            self.mine.copy_(self.flat[self.offset : self.offset + self.numel])
+        """Every rank's updated slice into the flat shared parameters, in place: the D slices of shard
+        k over the replica group, then the K shards over the task group (`Comm.all_gather` skips a
+        group of one, whose input already is its output)."""
+        self.comm.all_gather(self.own_shard, self.mine, self.groups.replica)
+        self.comm.all_gather(self.flat, self.own_shard, self.groups.task)
 
     # --- checkpoints in the single-process format --------------------------------------------------
 
@@ -205,8 +193,8 @@ class ShardedOptimizer:
 
     def load_full(self) -> None:
         """The trainer's optimizer has just loaded a single-process state (every parameter's): keep
-        this rank's slice of the shared parameters' state under `mine` and drop the rest; refresh the
-        slice's values from the loaded parameters."""
+        this rank's slice of the shared parameters' state under `mine` and drop the rest (the slice's
+        values are the loaded parameters': it is a view of them)."""
         state = self.main.state
         found = [state.get(p) for p in self.shared]
         mine: dict[str, Any] = {}
@@ -229,7 +217,6 @@ class ShardedOptimizer:
         if mine:
             state[self.mine] = mine
         self.inner.state = state
-        self.refresh()
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer | ShardedOptimizer) -> int:
