@@ -42,6 +42,8 @@ CASES = {
     "gather-2x1": ["engine.replicas=2", "engine.protocol=gather"],
     "gramian-1x2": ["engine.task_parallel=2", "engine.protocol=gramian"],
     "gramian-2x1": ["engine.replicas=2", "engine.protocol=gramian"],
+    "unsharded-1x2": ["engine.task_parallel=2", "engine.protocol=gramian", "engine.shard_optimizer=false"],
+    "unsharded-2x1": ["engine.replicas=2", "engine.protocol=gramian", "engine.shard_optimizer=false"],
     "fp16-1x2": ["engine.task_parallel=2", "engine.protocol=gather", "engine.compression=fp16"],
     "bf16-2x1": ["engine.replicas=2", "engine.protocol=gather", "engine.compression=bf16"],
     "topk-1x2": [
@@ -68,6 +70,8 @@ class Shape:
     largest: int  # L
     tasks: int  # T
     k: int  # K
+    replicas: int = 1  # D
+    sharded: bool = False  # gramian with engine.shard_optimizer
 
     @property
     def t_max(self) -> int:
@@ -81,10 +85,13 @@ def peak_floats(protocol: str, compression: str, s: Shape, topk_ratio: float, sk
         return p + big
     if protocol == "gramian":
         # block (K, T_0, S), d (K S); with K > 1 the received shards T S, d's shard S, and gloo's
-        # all-gather stages d (K S); with K = 1 the block is the shards and d is formed in place
+        # all-gather stages d (K S); with K = 1 the block is the shards and d is formed in place.
+        # Sharded optimizer: d's shard is in place, and gloo stages the outputs of the parameter
+        # all-gathers instead (K S over the task group; S over the replica group when D > 1)
         shard, t_0 = -(-p // k), t_max
-        received = t * shard + shard if k > 1 else 0
-        return k * t_0 * shard + k * shard + received + max(big, k * shard if k > 1 else 0)
+        received = t * shard + (0 if s.sharded else shard) if k > 1 else 0
+        staged = k * shard if k > 1 else (shard if s.sharded and s.replicas > 1 else 0)
+        return k * t_0 * shard + k * shard + received + max(big, staged)
     rows, block = k * t_max, t_max * (p + 1)
     if protocol == "gather" and compression == "none":  # the K blocks gathered (its own first) and d
         return k * block + p + big
@@ -119,6 +126,8 @@ def test_coordinator_peak_memory_matches_the_formula(name: str, measured: dict[s
         largest=got["largest_shared"],
         tasks=cfg.data.num_tasks,
         k=1 if e.protocol == "rep" else max(e.task_parallel, 1),
+        replicas=max(e.replicas, 1),
+        sharded=e.shard_optimizer and e.protocol == "gramian",
     )
     protocol = "gather" if e.protocol == "sketch" else e.protocol
     compression = "countsketch" if e.protocol == "sketch" else e.compression
