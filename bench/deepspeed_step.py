@@ -8,8 +8,8 @@ DeepSpeed rows run ZeRO 0-3 through the same protocols (dist_mtl.deepspeed.backe
 then a surrogate backward and DeepSpeed's step).
 
 Per rank, after the measured steps:
-- params: bytes of the model's parameters plus DeepSpeed's own (its module copy, 1/W of it under ZeRO
-  3, and its float32 master partition);
+- params: bytes of the model's parameters plus DeepSpeed's own: its float32 master partition, and its
+  module copy where the model does not share it (ZeRO 3: 1/W of it; bf16);
 - opt state: every tensor in the optimizer states (the trainer's, the sharded optimizer's, DeepSpeed's);
 - held: bytes allocated since the variant started building and still alive after its steps, from the
   allocator's events (torch.profiler, profile_memory; the main thread, where every step runs): the
@@ -110,7 +110,8 @@ def deepspeed_bytes(engine: Any) -> tuple[int, int]:
     ds = getattr(engine, "ds_engine", None)
     if ds is None:
         return 0, 0
-    module = [getattr(p, "ds_tensor", p) for p in ds.module.parameters()]
+    # ZeRO 0-2 in float32: the model's parameters are views of DeepSpeed's, counted once
+    module = [] if engine.aliased else [getattr(p, "ds_tensor", p) for p in ds.module.parameters()]
     masters = engine._masters() if engine._partitioned() else []
     return tensor_bytes(module) + tensor_bytes(masters), state_bytes(engine._inner())
 

@@ -440,7 +440,7 @@ def _check_deepspeed(cfg: RunConfig) -> None:
         raise ConfigError("engine.offload_optimizer needs engine.zero_stage >= 1 (ZeRO-Offload); got 0")
     if e.deepspeed_config and not Path(e.deepspeed_config).is_file():
         raise ConfigError(f"engine.deepspeed_config: no such file: {e.deepspeed_config}")
-    from dist_mtl.deepspeed.settings import check_bf16, deepspeed_settings  # imports no DeepSpeed
+    from dist_mtl.deepspeed_settings import check_bf16, deepspeed_settings  # imports no DeepSpeed
 
     deepspeed_settings(e, 1)  # the JSON read, and the keys the engine cannot honour refused
     if e.bf16:

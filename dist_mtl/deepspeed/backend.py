@@ -47,7 +47,7 @@ from torch import nn
 from dist_mtl.backend import Step
 from dist_mtl.balancers import Balancer
 from dist_mtl.config import RunConfig
-from dist_mtl.deepspeed.settings import deepspeed_settings
+from dist_mtl.deepspeed_settings import deepspeed_settings
 from dist_mtl.engine.checksum import ReplicaChecksum
 from dist_mtl.engine.coordinator import Coordinator
 from dist_mtl.engine.fault import fault_injector

@@ -210,7 +210,7 @@ def test_bf16_refused_where_the_cpu_lacks_it(monkeypatch: pytest.MonkeyPatch) ->
 
 @pytest.mark.skipif(not HAVE_DEEPSPEED, reason=NO_DEEPSPEED)
 def test_our_fields_override_the_json_with_a_note(tmp_path: Path) -> None:
-    from dist_mtl.deepspeed.settings import BUCKET_ELEMENTS, deepspeed_settings
+    from dist_mtl.deepspeed_settings import BUCKET_ELEMENTS, deepspeed_settings
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": 1000}}))

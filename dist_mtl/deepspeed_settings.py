@@ -13,12 +13,19 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from dist_mtl.errors import ConfigError
 
-if TYPE_CHECKING:
-    from dist_mtl.config import EngineConfig
+
+class EngineFields(Protocol):
+    """The engine.* fields read here (config.EngineConfig; config imports this module, not the reverse)."""
+
+    deepspeed_config: str
+    zero_stage: int
+    bf16: bool
+    offload_optimizer: bool
+
 
 # key of the JSON -> why the engine refuses it (the field that decides instead)
 REFUSED = {
@@ -56,7 +63,7 @@ def load_user_settings(path: str) -> dict[str, Any]:
     return loaded
 
 
-def deepspeed_settings(engine: EngineConfig, world_size: int) -> tuple[dict[str, Any], list[str]]:
+def deepspeed_settings(engine: EngineFields, world_size: int) -> tuple[dict[str, Any], list[str]]:
     """(the DeepSpeed config dict, notes on the file's values our fields overrode)."""
     user = load_user_settings(engine.deepspeed_config)
     for key, why in REFUSED.items():
