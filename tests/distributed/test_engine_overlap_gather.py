@@ -8,7 +8,8 @@ forms a round at a time with overlap and at once without, give the same checkpoi
 float32 tolerance; and on every rank the bytes the wrapper accounted equal the analytic model of the
 configured option step by step. The shapes are such that the two models differ (unpadded rows, and
 per-row replica all-reduces whose integer division on D = 3 differs from one of the whole block), so
-the equality shows which exchange ran.
+the equality shows which exchange ran. Without processes: the overlapped model conserves bytes, and
+every codec's per-row encoding and round-at-a-time Gramian equal its whole-block ones.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
+from dist_mtl.engine.codecs import build_codec
 from dist_mtl.engine.traffic import StepShape, step_bytes
 from tests.distributed.harness import BASE, compare, load, run_worker, single_process_references
 from tests.distributed.test_engine_contract import accounted_bytes_errors, check_cases
@@ -85,6 +88,52 @@ def test_the_overlapped_byte_model_differs(protocol: str, split: tuple[int, ...]
     on = [step_bytes(name, shape, r) for r in range(world)]
     off = [step_bytes(name, dataclasses.replace(shape, overlap=False), r) for r in range(world)]
     assert on != off
+
+
+@pytest.mark.parametrize("layout", [(1, 2), (1, 3), (2, 2), (3, 1), (2, 3)])
+@pytest.mark.parametrize("protocol", ["gather", "topk", "sketch"])
+def test_the_overlapped_byte_model_conserves_bytes(protocol: str, layout: tuple[int, int]) -> None:
+    """What the senders' rounds send is what the coordinator's receives take (every D and K)."""
+    d, k = layout
+    split = tuple(7 // k + (1 if i < 7 % k else 0) for i in range(k))
+    shape = StepShape(
+        params=10_001,
+        split=split,
+        replicas=d,
+        head_params=tuple(5 * n for n in split),
+        compression="topk" if protocol == "topk" else "none",
+        overlap=True,
+    )
+    moved = [step_bytes("sketch" if protocol == "sketch" else "gather", shape, r) for r in range(d * k)]
+    assert sum(s for s, _ in moved) == sum(r for _, r in moved)
+
+
+@pytest.mark.parametrize("name", ["none", "fp16", "bf16", "topk", "countsketch"])
+def test_codec_rows_a_round_at_a_time_equal_its_gramian(name: str) -> None:
+    """The overlapped coordinator's pieces: each row encoded on its own into a preallocated wire equals
+    the block's encoding, the lower triangle formed a round of K rows at a time and mirrored equals
+    the codec's Gramian, and the losses decode bit-exact."""
+    torch.manual_seed(0)
+    rows_per_round, rounds, params = 3, 4, 200
+    grads = torch.randn(rows_per_round * rounds, params)
+    losses = torch.rand(rows_per_round * rounds)
+    rows = torch.cat([grads, losses[:, None]], dim=1)
+    codec = build_codec(
+        name, params=params, topk_ratio=0.1, sketch_size=32, sketch_seed=1, device=torch.device("cpu")
+    )
+    whole = codec.encode(rows).clone()
+    wire = torch.zeros_like(whole)
+    for i in range(rows.shape[0]):
+        codec.encode(rows[i : i + 1], out=wire[i : i + 1])
+    assert torch.equal(wire, whole)
+    m = torch.zeros(rows.shape[0], rows.shape[0])
+    for i in range(rounds):
+        codec.gramian_rows(wire, i * rows_per_round, (i + 1) * rows_per_round, m)
+    m = torch.tril(m) + torch.tril(m, -1).T
+    expected, expected_losses = codec.gramian(wire)
+    assert torch.allclose(m, expected, rtol=1e-5, atol=1e-5 * float(expected.diagonal().max()))
+    assert torch.equal(codec.losses(wire), expected_losses)
+    assert torch.equal(codec.losses(wire), losses)
 
 
 @pytest.mark.timeout(300)
