@@ -14,9 +14,12 @@ Per rank, after the measured steps:
 - held: bytes allocated since the variant started building and still alive after its steps, from the
   allocator's events (torch.profiler, profile_memory; the main thread, where every step runs): the
   model, the engine's and DeepSpeed's buffers (gradients, buckets) and the optimizer state;
+- grads + buffers: held less params and opt state: the gradient buffers (the protocol's, DeepSpeed's
+  partitions and buckets) and the engine's other buffers;
 - peak: the most allocated at once during a step (held plus the step's temporaries).
-Step time is the median over the measured steps of the slower rank; "x torch" divides it by the torch
-backend's (shard_optimizer off) in the same mode, measured in the same run.
+Step time is the median over the measured steps of the slower rank; the rows are timed in interleaved
+rounds of 4 steps each, and "x torch" divides a row's time by the torch backend's (shard_optimizer off)
+in the same mode, measured in the same rounds.
 
 Run: python3 bench/deepspeed_step.py [--steps 20] [--warmup 3] [--json FILE]   (about 2 min on 2 cores;
 needs the deepspeed extra: pip install --no-build-isolation -e '.[deepspeed]')
@@ -61,6 +64,7 @@ from dist_mtl.train import build_engine  # noqa: E402
 CPU = torch.device("cpu")
 WORLD, TASKS, BATCH, INPUT = 2, 4, 64, (3, 32, 32)
 HIDDEN, REP_DIM = [1024, 1024], 256
+ROUND = 4  # steps of one row per timing round
 COMMON = [
     "balancer.name=mgda",
     "optim.name=adam",
@@ -116,67 +120,82 @@ def deepspeed_bytes(engine: Any) -> tuple[int, int]:
     return tensor_bytes(module) + tensor_bytes(masters), state_bytes(engine._inner())
 
 
-def run_variant(
-    overrides: list[str], mesh: Any, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int
-) -> dict:
-    from torch.profiler import ProfilerActivity, profile
+class Variant:
+    """One row, built and kept alive so that the timing rounds can interleave every row."""
 
-    cfg = load_config(None, overrides)
-    layout = resolve_layout(cfg, WORLD, TASKS)
-    engine = build_engine(cfg, layout, mesh, CPU)
-    rows = part_rows(len(x), engine.data_part)
-    xp, yp = x[rows], y[rows]
-    dist.barrier()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model = build_model()
-        optimizer = build_optimizer(cfg, list(model.parameters()))
-        step = engine.make_step(cfg, model, build_balancer("mgda"), optimizer)
-        for _ in range(2):
-            step(xp, yp, StepRecorder())
-    live, peak = 0, 0
-    for nbytes in sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-    ):
-        live += nbytes[1]
-        peak = max(peak, live)
-    for _ in range(warmup):
-        step(xp, yp, StepRecorder())
-    times = []
-    for _ in range(steps):
+    def __init__(self, overrides: list[str], mesh: Any, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Build the model, optimizer and step under the allocator's profiler, then 2 steps: the bytes."""
+        from torch.profiler import ProfilerActivity, profile
+
+        cfg = load_config(None, overrides)
+        self.engine = build_engine(cfg, resolve_layout(cfg, WORLD, TASKS), mesh, CPU)
+        rows = part_rows(len(x), self.engine.data_part)
+        self.x, self.y = x[rows], y[rows]
         dist.barrier()
-        start = time.perf_counter()
-        step(xp, yp, StepRecorder())
-        times.append(time.perf_counter() - start)
-    ds_params, ds_state = deepspeed_bytes(engine)
-    out = {
-        "step_s": statistics.median(times),
-        "params": tensor_bytes(model.parameters()) + ds_params,
-        "opt_state": state_bytes(getattr(step, "optimizer", optimizer)) + ds_state,
-        "held": live,
-        "peak": peak,
-        "shared_params": sum(p.numel() for p in model.shared_parameters()),
-    }
-    getattr(engine, "close", lambda: None)()
-    dist.barrier()
-    return out
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            self.model = build_model()
+            self.optimizer = build_optimizer(cfg, list(self.model.parameters()))
+            self.step = self.engine.make_step(cfg, self.model, build_balancer("mgda"), self.optimizer)
+            for _ in range(2):
+                self.run()
+        events = prof.profiler.kineto_results.events()
+        self.live = self.peak = 0
+        for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+        self.times: list[float] = []
+
+    def run(self) -> None:
+        self.step(self.x, self.y, StepRecorder())
+
+    def timed(self, steps: int) -> None:
+        for _ in range(steps):
+            dist.barrier()
+            start = time.perf_counter()
+            self.run()
+            self.times.append(time.perf_counter() - start)
+
+    def result(self) -> dict:
+        ds_params, ds_state = deepspeed_bytes(self.engine)
+        params = tensor_bytes(self.model.parameters()) + ds_params
+        opt_state = state_bytes(getattr(self.step, "optimizer", self.optimizer)) + ds_state
+        return {
+            "step_s": statistics.median(self.times),
+            "params": params,
+            "opt_state": opt_state,
+            "grads_buffers": self.live - params - opt_state,
+            "held": self.live,
+            "peak": self.peak,
+            "shared_params": sum(p.numel() for p in self.model.shared_parameters()),
+        }
 
 
 def worker(spec_path: str) -> None:
+    """One rank: every row built (its bytes measured), then timed in interleaved rounds, so a change of
+    the machine's load during the run hits every row alike."""
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(BATCH, *INPUT, generator=gen)
     y = torch.randint(0, 2, (BATCH, TASKS), generator=gen)
-    results = {}
     exact_layout = resolve_layout(load_config(None, [*COMMON, *MODES["exact"]]), WORLD, TASKS)
     with process_group(exact_layout, CPU, 120.0) as mesh:
         rep_layout = resolve_layout(load_config(None, [*COMMON, *MODES["rep"]]), WORLD, TASKS)
         meshes = {"exact": mesh, "rep": device_mesh(rep_layout, CPU, 120.0)}
-        for mode, name, overrides in VARIANTS:
-            runs = run_variant(
-                [*COMMON, *MODES[mode], *overrides], meshes[mode], x, y, spec["steps"], spec["warmup"]
-            )
-            results[f"{mode}/{name}"] = runs
+        variants = {
+            f"{mode}/{name}": Variant([*COMMON, *MODES[mode], *overrides], meshes[mode], x, y)
+            for mode, name, overrides in VARIANTS
+        }
+        for v in variants.values():
+            for _ in range(spec["warmup"]):
+                v.run()
+        rounds = max(1, spec["steps"] // ROUND)
+        for _ in range(rounds):
+            for v in variants.values():
+                v.timed(ROUND)
+        results = {key: v.result() for key, v in variants.items()}
+        for v in variants.values():
+            getattr(v.engine, "close", lambda: None)()
         dist.barrier()
     Path(spec["out"], f"rank{os.environ['RANK']}.json").write_text(json.dumps(results))
 
@@ -242,11 +261,15 @@ def print_table(rows: list[dict]) -> None:
         f"\nengine.backend deepspeed vs torch: MLP encoder, P = {p / 1e6:.2f}M shared parameters, "
         f"T = {TASKS}, batch {BATCH}, Adam, 2 ranks (MiB per rank: rank 0 / rank 1)\n"
     )
-    print("| mode | backend | step ms | x torch | params MiB | opt state MiB | held MiB | peak MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| mode | backend | step ms | x torch | params MiB | opt state MiB | grads + buffers MiB | held MiB "
+        "| peak MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         cells = [
-            " / ".join(mib(rank[k]) for rank in r["ranks"]) for k in ("params", "opt_state", "held", "peak")
+            " / ".join(mib(rank[k]) for rank in r["ranks"])
+            for k in ("params", "opt_state", "grads_buffers", "held", "peak")
         ]
         print(
             f"| {r['mode']} | {r['backend']} | {r['step_ms']:.1f} | {r['x_torch']:.2f} | "
