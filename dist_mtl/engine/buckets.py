@@ -1,43 +1,64 @@
 """Bucketed all-reduce of a flat gradient buffer during the backward that fills it (rep, engine.overlap).
 
 The buffer's parameters have their `.grad` as views of one flat tensor (`FlatGradBuffer`), in
-parameter order; backward produces gradients roughly in reverse parameter order. The buffer is cut
-into buckets of `cap` elements counted from its END: bucket 0 is the last `cap` elements (the first
-gradients backward produces), and the last bucket, the remainder at the front, is the smallest, so
-the collective still exposed after the backward ends is the shortest.
+parameter order; backward produces gradients roughly in reverse parameter order. Buckets are
+contiguous ranges of the buffer formed as DDP forms them: walking the parameters in reverse order,
+whole parameters join the open bucket while it stays within `cap` elements; a parameter alone larger
+than `cap` is cut, from its end, into `cap`-sized buckets, and its remainder (its first elements)
+opens the next bucket. So bucket 0 holds the first gradients backward produces, no parameter
+straddles two buckets unless it exceeds one, and no bucket exceeds `cap`. (A cut at fixed offsets
+would let a large early-layer parameter, whose gradient comes last, hold back every bucket it touches.)
+With the parameter sizes unknown, one parameter of P elements gives the same rule: `cap`-sized
+buckets from the end, the remainder last.
 
-Why fixed ranges rather than DDP's whole parameters per bucket: the bucket sizes are then a function of
-P and the cap alone, so the analytic byte model (`traffic.StepShape`, which knows P, not the parameter
-sizes) equals what the wrapper accounts. A parameter may straddle a boundary; a bucket is ready once
-EVERY parameter overlapping it has its gradient accumulated (a parameter larger than a bucket makes
-all the buckets it covers ready at once).
-
-Collectives over one group must be issued in the same order on every rank, so bucket b is launched
-only once buckets 0..b-1 are: readiness is counted in the parameters' post-accumulate-grad hooks
-(plain Python counters, no device sync) and the launched prefix grows as far as it is ready. A
-parameter that receives no gradient (unused in the graph) never fires its hook; `finish` launches
-every bucket not launched yet, in bucket order, and waits them all.
+A bucket is ready once every parameter overlapping it has its gradient accumulated. Collectives over
+one group must be issued in the same order on every rank, so bucket b is launched only once buckets
+0..b-1 are: readiness is counted in the parameters' post-accumulate-grad hooks (plain Python
+counters, no device sync) and the launched prefix grows as far as it is ready. A parameter that
+receives no gradient (unused in the graph) never fires its hook; `finish` launches every bucket not
+launched yet, in bucket order, and waits them all.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
+from itertools import accumulate
 
 import torch
 
 from dist_mtl.engine.comm import Pending
 
 
-def bucket_ranges(numel: int, cap: int) -> list[tuple[int, int]]:
-    """[start, end) of each bucket of a flat buffer of `numel` elements, bucket 0 at the end."""
+def bucket_ranges(sizes: Sequence[int], cap: int) -> list[tuple[int, int]]:
+    """[start, end) of each bucket of the flat buffer of parameters of `sizes` elements (in parameter
+    order), in launch order: bucket 0 at the buffer's end."""
     if cap < 1:
         raise ValueError(f"a bucket holds at least one element, got cap={cap}")
-    return [(max(0, end - cap), end) for end in range(numel, 0, -cap)]
+    ranges: list[tuple[int, int]] = []
+    open_range: tuple[int, int] | None = None  # the bucket being filled
+    ends = list(accumulate(sizes))
+    for n, end in zip(reversed(sizes), reversed(ends), strict=True):
+        if n == 0:
+            continue
+        start = end - n
+        if open_range is not None and open_range[1] - start <= cap:
+            open_range = (start, open_range[1])
+            continue
+        if open_range is not None:
+            ranges.append(open_range)
+        while end - start > cap:  # a parameter larger than a bucket
+            ranges.append((end - cap, end))
+            end -= cap
+        open_range = (start, end)
+    if open_range is not None:
+        ranges.append(open_range)
+    return ranges
 
 
-def bucket_sizes(numel: int, cap: int) -> list[int]:
+def bucket_sizes(sizes: Sequence[int], cap: int) -> list[int]:
     """Elements per bucket, in launch order (what the byte model sums over)."""
-    return [end - start for start, end in bucket_ranges(numel, cap)]
+    return [end - start for start, end in bucket_ranges(sizes, cap)]
 
 
 def cap_elements(bucket_bytes: int, element_size: int) -> int:
@@ -46,18 +67,22 @@ def cap_elements(bucket_bytes: int, element_size: int) -> int:
 
 
 class BucketPlan:
-    """Which buckets each parameter overlaps, and how many parameters each bucket waits for."""
+    """The buckets, which buckets each parameter overlaps, and how many parameters each waits for."""
 
     def __init__(self, sizes: Sequence[int], cap: int) -> None:
-        self.ranges = bucket_ranges(sum(sizes), cap)
-        self.members: list[list[int]] = []  # per parameter: the buckets it overlaps
+        self.ranges = bucket_ranges(sizes, cap)
+        # Bucket starts in ascending buffer order, to find the buckets under a parameter.
+        starts = [start for start, _ in reversed(self.ranges)]
+        last = len(self.ranges) - 1
+        self.members: list[list[int]] = []  # per parameter: the buckets it overlaps, in launch order
         self.waits = [0] * len(self.ranges)  # per bucket: parameters overlapping it
-        total, offset = sum(sizes), 0
+        offset = 0
         for n in sizes:
-            # Bucket b covers [total - (b + 1) cap, total - b cap), clipped at 0.
-            first = (total - offset - n) // cap if n else 0
-            last = (total - offset - 1) // cap if n else -1
-            buckets = list(range(first, last + 1)) if n else []
+            buckets = []
+            if n:
+                low = bisect_right(starts, offset) - 1  # ascending index of its first element's bucket
+                high = bisect_right(starts, offset + n - 1) - 1
+                buckets = [last - i for i in range(high, low - 1, -1)]
             self.members.append(buckets)
             for b in buckets:
                 self.waits[b] += 1

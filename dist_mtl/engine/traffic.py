@@ -86,6 +86,9 @@ class StepShape:
     sharded: bool = False  # engine.shard_optimizer on a gramian run with more than one rank
     bucket_bytes: int = 25 * 2**20  # rep with overlap: engine.bucket_mb in bytes
     chunks: int = 4  # gramian with overlap: engine.overlap_chunks
+    # rep with overlap: the shared parameters' sizes in parameter order, which set the buckets
+    # (`dist_mtl.engine.buckets`); () counts P as one parameter (cap-sized buckets from the end)
+    shared_sizes: tuple[int, ...] = ()
 
     @classmethod
     def engine_options(cls, e: EngineConfig) -> dict[str, Any]:

@@ -17,45 +17,66 @@ from dist_mtl.gradients import FlatGradBuffer
 SOLO = Group("world", (0,), None)
 
 
-def test_ranges_cover_the_buffer_from_its_end_with_the_remainder_last() -> None:
-    assert bucket_ranges(10, 4) == [(6, 10), (2, 6), (0, 2)]
-    assert bucket_ranges(8, 4) == [(4, 8), (0, 4)]
-    assert bucket_ranges(3, 100) == [(0, 3)]
-    assert bucket_ranges(0, 4) == []
-    for numel, cap in itertools.product(range(1, 40), range(1, 12)):
-        ranges = bucket_ranges(numel, cap)
-        assert ranges[0][1] == numel and ranges[-1][0] == 0
-        assert all(a[0] == b[1] for a, b in itertools.pairwise(ranges))  # contiguous, descending
-        assert all(s == cap for s in bucket_sizes(numel, cap)[:-1])
-        assert sum(bucket_sizes(numel, cap)) == numel
+def test_whole_parameters_in_reverse_order_within_the_cap() -> None:
+    # Parameters of 3, 2, 4, 1 elements (offsets 0, 3, 5, 9), cap 5: from the end, [4, 1] fit (5),
+    # 2 would make 7 (a new bucket), 3 would make 5 (joins it).
+    assert bucket_ranges([3, 2, 4, 1], 5) == [(5, 10), (0, 5)]
+    assert bucket_ranges([3, 2, 4, 1], 4) == [(9, 10), (5, 9), (3, 5), (0, 3)]
+    assert bucket_ranges([3, 2, 4, 1], 100) == [(0, 10)]
+    assert bucket_ranges([0, 2, 0], 1) == [(1, 2), (0, 1)]  # empty parameters are in no bucket
+    assert bucket_ranges([], 4) == []
     with pytest.raises(ValueError, match="cap=0"):
-        bucket_ranges(5, 0)
+        bucket_ranges([5], 0)
+
+
+def test_a_parameter_larger_than_a_bucket_is_cut_from_its_end() -> None:
+    # 9 elements (offsets 3..12) with a cap of 4: [8, 12), [4, 8), and its remainder [3, 4) opens the
+    # next bucket, which the 3-element parameter before it joins; the last 2-element one sits alone.
+    assert bucket_ranges([3, 9, 2], 4) == [(12, 14), (8, 12), (4, 8), (0, 4)]
+    # Unknown sizes (P as one parameter): cap-sized buckets from the end, the remainder last.
+    assert bucket_ranges([10], 4) == [(6, 10), (2, 6), (0, 2)]
+    assert bucket_sizes([10], 4) == [4, 4, 2]
+
+
+def test_partition_properties_on_random_sizes() -> None:
+    rng = random.Random(0)
+    for _ in range(500):
+        sizes = [rng.randrange(0, 12) for _ in range(rng.randrange(1, 8))]
+        cap = rng.randrange(1, 10)
+        ranges = bucket_ranges(sizes, cap)
+        total = sum(sizes)
+        if not total:
+            assert ranges == []
+            continue
+        # Contiguous, descending, covering the buffer, none above the cap.
+        assert ranges[0][1] == total and ranges[-1][0] == 0
+        assert all(a[0] == b[1] for a, b in itertools.pairwise(ranges))
+        assert all(0 < e - s <= cap for s, e in ranges)
+        starts = {s for s, _ in ranges}
+        offsets = list(itertools.accumulate(sizes, initial=0))
+        for n, offset in zip(sizes, offsets, strict=False):
+            inside = {b for b in starts if offset < b < offset + n}
+            if n <= cap:
+                assert not inside  # a parameter within the cap is never split
+            else:
+                assert len(inside) == (n - 1) // cap  # cut into cap-sized pieces, no more
+        # Greedy: a closed bucket that starts at a parameter boundary could not take the parameter
+        # before it whole.
+        for s, e in ranges[:-1]:
+            if s in offsets:
+                assert e - max(o for o in offsets if o < s) > cap
+        plan = BucketPlan(sizes, cap)
+        assert plan.ranges == ranges
+        for n, offset, members in zip(sizes, offsets, plan.members, strict=False):
+            want = [b for b, (s, e) in enumerate(ranges) if n and s < offset + n and offset < e]
+            assert members == want  # exactly the buckets it overlaps, in launch order
+        assert plan.waits == [sum(b in m for m in plan.members) for b in range(len(ranges))]
 
 
 def test_cap_from_bytes() -> None:
     assert cap_elements(25 * 2**20, 4) == 25 * 2**18
     assert cap_elements(int(0.001 * 2**20), 4) == 262
     assert cap_elements(3, 4) == 1  # never an empty bucket
-
-
-def test_plan_members_and_a_parameter_larger_than_a_bucket() -> None:
-    # Parameters of 3, 9 (larger than the cap of 4) and 2 elements: a flat buffer of 14,
-    # buckets [10, 14), [6, 10), [2, 6), [0, 2).
-    plan = BucketPlan([3, 9, 2], 4)
-    assert plan.ranges == [(10, 14), (6, 10), (2, 6), (0, 2)]
-    assert plan.members == [[2, 3], [0, 1, 2], [0]]
-    assert plan.waits == [2, 1, 2, 1]
-    # Brute force on random sizes: a parameter is a member of exactly the buckets it overlaps.
-    rng = random.Random(0)
-    for _ in range(200):
-        sizes = [rng.randrange(0, 7) for _ in range(rng.randrange(1, 6))]
-        cap = rng.randrange(1, 9)
-        plan = BucketPlan(sizes, cap)
-        offset = 0
-        for n, members in zip(sizes, plan.members, strict=True):
-            want = [b for b, (s, e) in enumerate(plan.ranges) if n and s < offset + n and offset < e]
-            assert members == want
-            offset += n
 
 
 class Recorder:
@@ -95,7 +116,7 @@ def test_ready_launches_the_ready_prefix_only_in_bucket_order() -> None:
             prefix = next((b for b, r in enumerate(ready) if not r), 4)
             assert launched == prefix
         reducer.finish()
-        assert [o for o, _ in rec.launched] == [10, 6, 2, 0]
+        assert [o for o, _ in rec.launched] == [12, 8, 4, 0]
         reducer.close()
 
 
@@ -111,11 +132,11 @@ def test_buckets_launch_during_backward_complete_and_in_order(cap: int) -> None:
     net, params = mlp_with_unused()
     grads = FlatGradBuffer(params)
     rec = Recorder(grads.buffer)
-    reducer = BucketedAllReduce(params, grads.buffer, cap, rec)
-    x = torch.randn(3, 6)
-
+    # Hooks run in registration order: this one sees the launches before the first layer's weight.
     hooks_seen = []
     net[0].weight.register_post_accumulate_grad_hook(lambda _: hooks_seen.append(len(rec.launched)))
+    reducer = BucketedAllReduce(params, grads.buffer, cap, rec)
+    x = torch.randn(3, 6)
 
     reducer.arm()
     net(x).square().sum().backward(inputs=params)
@@ -123,7 +144,7 @@ def test_buckets_launch_during_backward_complete_and_in_order(cap: int) -> None:
     reducer.finish()
     reducer.close()
 
-    ranges = bucket_ranges(grads.numel, cap)
+    ranges = bucket_ranges([p.numel() for p in params], cap)
     assert [o for o, _ in rec.launched] == [s for s, _ in ranges]  # every bucket once, in order
     for (_, snapshot), (s, e) in zip(rec.launched, ranges, strict=True):
         assert torch.equal(snapshot, grads.buffer[s:e])  # nothing arrived after its launch

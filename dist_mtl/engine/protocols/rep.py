@@ -167,13 +167,17 @@ class RepProtocol(Protocol):
 
     @staticmethod
     def shared_grad_bytes(shape: StepShape) -> tuple[int, int]:
-        """The shared gradient's all-reduce: one of P, or (overlap) one per bucket of bucket_bytes;
-        per bucket because the ring's integer division makes the sum differ from one of P."""
+        """The shared gradient's all-reduce: one of P, or (overlap) one per bucket, whose sizes follow
+        from `shape.shared_sizes` and bucket_bytes; per bucket because the ring's integer division
+        makes the sum differ from one of P."""
         world = shape.replicas * shape.k
         if not shape.overlap or world == 1:
             return all_reduce_bytes(F32 * shape.params, world)
-        sizes = bucket_sizes(shape.params, cap_elements(shape.bucket_bytes, F32))
-        return total(*(all_reduce_bytes(F32 * n, world) for n in sizes))
+        sizes = shape.shared_sizes or (shape.params,)
+        if sum(sizes) != shape.params:
+            raise ValueError(f"StepShape.shared_sizes sum to {sum(sizes)}, not params={shape.params}")
+        buckets = bucket_sizes(sizes, cap_elements(shape.bucket_bytes, F32))
+        return total(*(all_reduce_bytes(F32 * n, world) for n in buckets))
 
     @classmethod
     def single_backward_bytes(cls, shape: StepShape, rank: int) -> tuple[int, int]:
