@@ -6,6 +6,9 @@ coordinator gathers are one (K * T_max, width) matrix whose codes and losses are
 views rather than copies. Lossless `none` sends the rank's (T_max, P + 1) block itself and the
 coordinator forms G G^T and d = G c from views of what it received; the lossy codecs only feed the
 Gramian, because the direction is then formed from exact local gradients (DESIGN section 2).
+With engine.overlap a row is encoded on its own into a preallocated wire (`encode(rows, out=)`), and
+the coordinator forms the Gramian a round of rows at a time (`gramian_rows`, the lower triangle) and
+reads the losses with `losses`.
 
 Memory the coordinator needs beyond the received rows is part of each codec's contract (README,
 tests/distributed/test_engine_memory.py): none nothing of size P; fp16 / bf16 a float32 copy of the
