@@ -438,6 +438,12 @@ def _check_deepspeed(cfg: RunConfig) -> None:
         raise ConfigError(f"engine.zero_stage must be 0, 1, 2 or 3; got {e.zero_stage!r}")
     if e.offload_optimizer and e.zero_stage == 0:
         raise ConfigError("engine.offload_optimizer needs engine.zero_stage >= 1 (ZeRO-Offload); got 0")
+    if e.bf16 and e.zero_stage == 0:  # DeepSpeed's stage-0 bf16 wrapper keeps one flat master per group,
+        # which neither the single-process checkpoint nor DeepSpeed's safe_* accessors read per parameter
+        raise ConfigError(
+            "engine.bf16 needs engine.zero_stage >= 1 with engine.backend deepspeed (stage 0 has no "
+            "per-parameter bf16 master state for the checkpoint); got engine.zero_stage 0"
+        )
     if e.deepspeed_config and not Path(e.deepspeed_config).is_file():
         raise ConfigError(f"engine.deepspeed_config: no such file: {e.deepspeed_config}")
     from dist_mtl.deepspeed_settings import check_bf16, deepspeed_settings  # imports no DeepSpeed

@@ -187,6 +187,8 @@ def test_deepspeed_options_refused_naming_the_field(tmp_path: Path) -> None:
         load_config(None, zero(4))
     with pytest.raises(ConfigError, match=r"engine.offload_optimizer needs engine.zero_stage >= 1"):
         load_config(None, zero(0, "engine.offload_optimizer=true"))
+    with pytest.raises(ConfigError, match=r"engine.bf16 needs engine.zero_stage >= 1"):
+        load_config(None, zero(0, "engine.bf16=true"))
     with pytest.raises(ConfigError, match="engine.deepspeed_config: no such file"):
         load_config(None, [*DS, f"engine.deepspeed_config={tmp_path / 'none.json'}"])
     for key, value in [
