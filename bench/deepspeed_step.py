@@ -17,11 +17,12 @@ Per rank, after the measured steps:
 - grads + buffers: held less params and opt state: the gradient buffers (the protocol's, DeepSpeed's
   partitions and buckets) and the engine's other buffers;
 - peak: the most allocated at once during a step (held plus the step's temporaries).
+"sent" is the median of what a rank wrote to its sockets during a step (/proc/self/io wchar).
 Step time is the median over the measured steps of the slower rank; the rows are timed in interleaved
 rounds of 4 steps each, and "x torch" divides a row's time by the torch backend's (shard_optimizer off)
 in the same mode, measured in the same rounds.
 
-Run: python3 bench/deepspeed_step.py [--steps 20] [--warmup 3] [--json FILE]   (about 2 min on 2 cores;
+Run: python3 bench/deepspeed_step.py [--steps 20] [--warmup 3] [--json FILE]   (about 2.5 min on 2 cores;
 needs the deepspeed extra: pip install --no-build-isolation -e '.[deepspeed]')
 """
 
@@ -99,6 +100,13 @@ def build_model() -> MultiTaskModel:
     return MultiTaskModel(encoder, [nn.Linear(encoder.out_dim, 2) for _ in range(TASKS)])
 
 
+def written_bytes() -> int:
+    """What this process has written (/proc/self/io wchar): gloo sends with writev, so a step's delta is
+    the bytes it sent, DeepSpeed's collectives included (they bypass the engine's accounting)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
+
+
 def tensor_bytes(tensors: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
@@ -144,6 +152,7 @@ class Variant:
             self.live += nbytes
             self.peak = max(self.peak, self.live)
         self.times: list[float] = []
+        self.written: list[int] = []
 
     def run(self) -> None:
         self.step(self.x, self.y, StepRecorder())
@@ -151,9 +160,11 @@ class Variant:
     def timed(self, steps: int) -> None:
         for _ in range(steps):
             dist.barrier()
+            written = written_bytes()
             start = time.perf_counter()
             self.run()
             self.times.append(time.perf_counter() - start)
+            self.written.append(written_bytes() - written)
 
     def result(self) -> dict:
         ds_params, ds_state = deepspeed_bytes(self.engine)
@@ -161,6 +172,7 @@ class Variant:
         opt_state = state_bytes(getattr(self.step, "optimizer", self.optimizer)) + ds_state
         return {
             "step_s": statistics.median(self.times),
+            "sent": statistics.median(self.written),
             "params": params,
             "opt_state": opt_state,
             "grads_buffers": self.live - params - opt_state,
@@ -262,17 +274,18 @@ def print_table(rows: list[dict]) -> None:
         f"T = {TASKS}, batch {BATCH}, Adam, 2 ranks (MiB per rank: rank 0 / rank 1)\n"
     )
     print(
-        "| mode | backend | step ms | x torch | params MiB | opt state MiB | grads + buffers MiB | held MiB "
-        "| peak MiB |"
+        "| mode | backend | step ms | x torch | sent MiB/step | params MiB | opt state MiB "
+        "| grads + buffers MiB | held MiB | peak MiB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         cells = [
             " / ".join(mib(rank[k]) for rank in r["ranks"])
             for k in ("params", "opt_state", "grads_buffers", "held", "peak")
         ]
+        sent = " / ".join(mib(rank["sent"]) for rank in r["ranks"])
         print(
-            f"| {r['mode']} | {r['backend']} | {r['step_ms']:.1f} | {r['x_torch']:.2f} | "
+            f"| {r['mode']} | {r['backend']} | {r['step_ms']:.1f} | {r['x_torch']:.2f} | {sent} | "
             + " | ".join(cells)
             + " |"
         )
