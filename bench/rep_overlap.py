@@ -1,11 +1,12 @@
 """`rep` on 2 ranks (layout 2 x 1, exact MGDA-UB) with the shared-gradient all-reduce bucketed under the
 encoder backward (engine.overlap, engine.bucket_mb) against one all-reduce after it (overlap off).
 
-Both ranks run every setting in turn, `--rounds` times interleaved (so drift and other load hit every
-setting alike), each time `--warmup` + `--steps` steps on the bench/step.py models and batch (64 x 3 x
-32 x 32, T binary heads, SGD). Prints per setting the median step time over every measured step of
-the slower rank, the median seconds blocked waiting for collectives ("comm wait"), the bytes per step
-the wrapper accounted, and each setting's step time over the overlap-off one.
+Both ranks run every setting in turn, `--rounds` times interleaved and rotated (so drift, other load
+and the position in a round hit every setting alike), each time `--warmup` + `--steps` steps on the
+bench/step.py models and batch (64 x 3 x 32 x 32, T binary heads, SGD). Prints per setting the median
+step time over every measured step of the slower rank, the median seconds blocked waiting for
+collectives ("comm wait"), the bytes per step the wrapper accounted, and each setting's step time
+over the overlap-off one.
 
 Run: python3 bench/rep_overlap.py [--model mlp|cnn] [--tasks T] [--bucket-mb MB ...] [--steps N]
 """
@@ -79,8 +80,8 @@ def worker(spec_path: str) -> None:
     first = load_config(None, overrides(spec["tasks"], None))
     layout = resolve_layout(first, WORLD, spec["tasks"])
     with process_group(layout, CPU, 120.0) as mesh:
-        for _ in range(spec["rounds"]):
-            for bucket_mb in settings:
+        for r in range(spec["rounds"]):
+            for bucket_mb in settings[r % len(settings) :] + settings[: r % len(settings)]:
                 cfg = load_config(None, overrides(spec["tasks"], bucket_mb))
                 engine = Engine(cfg, layout, mesh, CPU)
                 model = step_bench.build_model(spec["model"], spec["tasks"])
