@@ -323,6 +323,7 @@ def shape_of(
         replicas=world if rep else 1,
         head_params=tuple(head * n for n in split),
         all_head_params=head * tasks,
+        shared_sizes=tuple(p.numel() for p in model.shared_parameters()),
         **(StepShape.engine_options(cfg.engine) if cfg is not None else {"sketch_size": 4096}),
     )
 

@@ -350,6 +350,7 @@ def accounted_bytes_errors(run_dir: Path, overrides: list[str], world_size: int)
         replicas=d,
         head_params=tuple(head),
         all_head_params=sum(head),
+        shared_sizes=tuple(p.numel() for p in model.shared_parameters()),
         **StepShape.engine_options(cfg.engine),
     )
     errors = []
