@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import deepspeed
 import torch
@@ -49,12 +49,7 @@ from dist_mtl.balancers import Balancer
 from dist_mtl.config import RunConfig
 from dist_mtl.deepspeed_settings import deepspeed_settings
 from dist_mtl.engine.checksum import ReplicaChecksum
-from dist_mtl.engine.coordinator import Coordinator
-from dist_mtl.engine.fault import fault_injector
-from dist_mtl.engine.protocols import StepContext, build_protocol, protocol_class
 from dist_mtl.engine.runtime import Engine
-from dist_mtl.engine.state import HeadShards, ReplicatedState
-from dist_mtl.engine.sync_norm import attach_norm_sync
 from dist_mtl.models import MultiTaskModel
 
 
@@ -178,25 +173,8 @@ class DeepSpeedBackend(Engine):
                 q.data = p.data
         self.shared_step = SharedStep(self.ds_engine, shared, optimizer, self.stage, self.aliased)
         checksum = _LiveChecksum(shared, self.comm, world, cfg.engine.checksum_every)
-        attach_norm_sync(model, cfg.engine.protocol, self.groups, self.comm, checksum)
-        coordinator = Coordinator(balancer, self.comm, world, model.num_tasks, self.device)
-        fault = fault_injector(self.rank, cfg.engine.timeout_s)
-        if protocol_class(cfg.engine.protocol).mode == "rep":
-            self.state = ReplicatedState(model, optimizer, balancer, self.comm)
-        else:
-            self.state = HeadShards(model, optimizer, balancer, self.comm, self.layout, self.groups)
-        ctx = StepContext(
-            cfg,
-            model,
-            cast(torch.optim.Optimizer, self.shared_step),
-            coordinator,
-            self.layout,
-            self.comm,
-            self.groups,
-            checksum,
-            fault,
-        )
-        return build_protocol(cfg.engine.protocol, ctx)
+        self.state = self.plain_state(cfg, model, optimizer, balancer)
+        return self.build_protocol(cfg, model, balancer, self.shared_step, checksum)
 
     # -- checkpoints in the single-process format -------------------------------------------------
 

@@ -80,21 +80,39 @@ class Engine:
         else:
             flat = watched = flatten_parameters(shared)
         checksum = ReplicaChecksum(watched, self.comm, world, cfg.engine.checksum_every)
-        attach_norm_sync(model, cfg.engine.protocol, self.groups, self.comm, checksum)
-        coordinator = Coordinator(balancer, self.comm, world, model.num_tasks, self.device)
-        fault = fault_injector(self.rank, cfg.engine.timeout_s)
-        stepped: torch.optim.Optimizer | ShardedOptimizer = optimizer
-        if protocol_class(cfg.engine.protocol).mode == "rep":  # every rank holds every head
-            self.state = ReplicatedState(model, optimizer, balancer, self.comm)
-        elif sharded:  # heads with their owners, the shared parameters' state sliced over the world
+        if sharded:  # heads with their owners, the shared parameters' state sliced over the world
             owned = self.layout.tasks_of(self.layout.coords(self.rank)[1])
             heads = [p for t in owned for p in model.head_parameters(t)]
             stepped = ShardedOptimizer(optimizer, shared, flat, heads, self.layout, self.comm, self.groups)
             self.state = ShardedState(
                 model, optimizer, balancer, self.comm, self.layout, self.groups, stepped
             )
-        else:  # heads live with the ranks that own their tasks
-            self.state = HeadShards(model, optimizer, balancer, self.comm, self.layout, self.groups)
+            return self.build_protocol(cfg, model, balancer, stepped, checksum)
+        self.state = self.plain_state(cfg, model, optimizer, balancer)
+        return self.build_protocol(cfg, model, balancer, optimizer, checksum)
+
+    def plain_state(
+        self, cfg: RunConfig, model: MultiTaskModel, optimizer: torch.optim.Optimizer, balancer: Balancer
+    ) -> ReplicatedState:
+        """The state hooks without the sharded optimizer: everything on every rank (rep), or heads and
+        their optimizer state with their owners (exact protocols)."""
+        if protocol_class(cfg.engine.protocol).mode == "rep":
+            return ReplicatedState(model, optimizer, balancer, self.comm)
+        return HeadShards(model, optimizer, balancer, self.comm, self.layout, self.groups)
+
+    def build_protocol(
+        self,
+        cfg: RunConfig,
+        model: MultiTaskModel,
+        balancer: Balancer,
+        stepped: object,
+        checksum: ReplicaChecksum,
+    ) -> Step:
+        """This rank's protocol, which applies its direction with `stepped`: the trainer's optimizer,
+        the sharded one, or another backend's (anything with the optimizer's `step`)."""
+        attach_norm_sync(model, cfg.engine.protocol, self.groups, self.comm, checksum)
+        coordinator = Coordinator(balancer, self.comm, self.groups.world, model.num_tasks, self.device)
+        fault = fault_injector(self.rank, cfg.engine.timeout_s)
         ctx = StepContext(
             cfg,
             model,
