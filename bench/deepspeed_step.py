@@ -36,9 +36,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -61,6 +59,9 @@ from dist_mtl.models import MultiTaskModel  # noqa: E402
 from dist_mtl.models.encoders import MLPEncoder  # noqa: E402
 from dist_mtl.observe import StepRecorder  # noqa: E402
 from dist_mtl.train import build_engine  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from step import run_ranks  # noqa: E402
 
 CPU = torch.device("cpu")
 WORLD, TASKS, BATCH, INPUT = 2, 4, 64, (3, 32, 32)
@@ -212,36 +213,8 @@ def worker(spec_path: str) -> None:
     Path(spec["out"], f"rank{os.environ['RANK']}.json").write_text(json.dumps(results))
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(steps: int, warmup: int) -> list[dict]:
-    with tempfile.TemporaryDirectory() as out:
-        spec = Path(out, "spec.json")
-        spec.write_text(json.dumps({"steps": steps, "warmup": warmup, "out": out}))
-        env = {
-            **os.environ,
-            "WORLD_SIZE": str(WORLD),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(free_port()),
-        }
-        env["PYTHONPATH"] = str(ROOT)
-        procs = [
-            subprocess.Popen(
-                [sys.executable, __file__, "--worker", str(spec)],
-                env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                stdout=subprocess.DEVNULL if r else None,
-            )
-            for r in range(WORLD)
-        ]
-        if any(p.wait() != 0 for p in procs):
-            raise SystemExit("a benchmark rank failed")
-        return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return run_ranks(__file__, {"steps": steps, "warmup": warmup}, WORLD, quiet=True)
 
 
 def mib(n: float) -> str:

@@ -22,9 +22,7 @@ import argparse  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -110,38 +108,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     ns = parser.parse_args()
-    with tempfile.TemporaryDirectory() as out:
-        spec = Path(out, "spec.json")
-        spec.write_text(
-            json.dumps(
-                {
-                    "model": ns.model,
-                    "tasks": ns.tasks,
-                    "buckets": [-1.0, *ns.bucket_mb],
-                    "steps": ns.steps,
-                    "warmup": ns.warmup,
-                    "rounds": ns.rounds,
-                    "out": out,
-                }
-            )
-        )
-        env = {
-            **os.environ,
-            "WORLD_SIZE": str(WORLD),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(step_bench.free_port()),
-            "PYTHONPATH": str(ROOT),
-        }
-        procs = [
-            subprocess.Popen(
-                [sys.executable, __file__, "--worker", str(spec)],
-                env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-            )
-            for r in range(WORLD)
-        ]
-        if any(p.wait() != 0 for p in procs):
-            raise SystemExit("a benchmark rank failed")
-        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(WORLD)]
+    spec = {
+        "model": ns.model,
+        "tasks": ns.tasks,
+        "buckets": [-1.0, *ns.bucket_mb],
+        "steps": ns.steps,
+        "warmup": ns.warmup,
+        "rounds": ns.rounds,
+    }
+    ranks = step_bench.run_ranks(__file__, spec, WORLD)
     params = step_bench.shared_params(ns.model)
     print(f"rep, 2 ranks, {ns.model} (P = {params:,}), T = {ns.tasks}, {ns.rounds} x {ns.steps} steps")
     print("| setting | step ms (median, slower rank) | comm wait ms | MiB sent per step | vs off |")

@@ -279,26 +279,34 @@ def worker(spec_path: str) -> None:
 
 
 def launch_workers(runs: list[tuple[str, str, int, str]], steps: dict[str, dict]) -> list[dict]:
+    return run_ranks(__file__, {"runs": runs, "steps": steps})
+
+
+def run_ranks(script: str, spec: dict[str, Any], world: int = WORLD, quiet: bool = False) -> list[dict]:
+    """Run `script --worker SPEC` as `world` local ranks (env:// rendezvous on a free port); each rank
+    writes SPEC's out/rank{R}.json, returned in rank order. `quiet`: ranks other than 0 print nothing.
+    The bench scripts' one launcher."""
     with tempfile.TemporaryDirectory() as out:
-        spec = Path(out, "spec.json")
-        spec.write_text(json.dumps({"runs": runs, "steps": steps, "out": out}))
+        path = Path(out, "spec.json")
+        path.write_text(json.dumps({**spec, "out": out}))
         env = {
             **os.environ,
-            "WORLD_SIZE": str(WORLD),
+            "WORLD_SIZE": str(world),
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(free_port()),
             "PYTHONPATH": str(ROOT),
         }
         procs = [
             subprocess.Popen(
-                [sys.executable, __file__, "--worker", str(spec)],
+                [sys.executable, script, "--worker", str(path)],
                 env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                stdout=subprocess.DEVNULL if quiet and r else None,
             )
-            for r in range(WORLD)
+            for r in range(world)
         ]
         if any(p.wait() != 0 for p in procs):
             raise SystemExit("a benchmark rank failed")
-        return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(WORLD)]
+        return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
 
 
 def free_port() -> int:
