@@ -19,9 +19,7 @@ after training, which the shared worker does not keep).
 from __future__ import annotations
 
 import json
-import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -144,19 +142,9 @@ def run_case(case: dict[str, Any], world_size: int, meshes: dict[tuple[int, int]
 
 
 def main() -> int:
-    import torch.distributed as dist
+    from tests.distributed.worker import serve
 
-    spec = json.loads(Path(sys.argv[1]).read_text())
-    torch.set_num_threads(1)
-    world_size = int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    meshes: dict[tuple[int, int], Any] = {}
-    try:
-        for case in spec["cases"]:
-            run_case(case, world_size, meshes)
-    finally:
-        dist.destroy_process_group()
-    return 0
+    return serve(run_case)
 
 
 # --- the tests -------------------------------------------------------------------------------------

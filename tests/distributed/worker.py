@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -129,18 +130,27 @@ def measure_memory(cfg: Any, engine: Engine, train_set: Any, steps: int = 2) -> 
     )
 
 
-def main() -> int:
+def serve(run: Callable[[dict[str, Any], int, dict[tuple[int, int], Any]], None]) -> int:
+    """A rank's main: every case of the spec (argv[1]; a list, or a dict by name) in sequence through
+    `run(case, world_size, meshes)`, in one process group, which ends with a barrier and a clean
+    shutdown (a rank leaving early aborts DeepSpeed's ZeRO 3 peers)."""
     spec = json.loads(Path(sys.argv[1]).read_text())
     torch.set_num_threads(1)
     world_size = int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     meshes: dict[tuple[int, int], Any] = {}
+    cases = spec["cases"]
     try:
-        for case in spec["cases"]:
-            run_case(case, world_size, meshes)
+        for case in cases.values() if isinstance(cases, dict) else cases:
+            run(case, world_size, meshes)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     return 0
+
+
+def main() -> int:
+    return serve(run_case)
 
 
 if __name__ == "__main__":
