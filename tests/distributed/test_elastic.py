@@ -7,6 +7,7 @@ same fault fails the run, the surviving rank's error line printed last."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,13 @@ DIST_MTL = [sys.executable, "-m", "dist_mtl.cli"]
 # 8 steps of the 1 x 2 exact layout, a checkpoint every 2; a surviving rank stuck in a collective
 # gives up within 30 s (torchrun stops it sooner: it restarts the whole group once it sees a rank die).
 RUN = [*BASE, "engine.protocol=gramian", "engine.timeout_s=30", "train.steps=8", "train.checkpoint_every=2"]
-RESTART_NOTICE = "dist-mtl: local rank 1 failed (exit code 17); torchrun restarts every rank (restart 1 of 1)"
+# torchrun names the first failure it records: the faulted rank 1 (exit code 17), or rank 0 when its
+# collective with the dead peer fails first (with engine.overlap its all-to-all is in flight during the
+# backward, so either can win the race)
+RESTART_NOTICE = re.compile(
+    r"dist-mtl: local rank (1 failed \(exit code 17\)|0 failed \(exit code 1\)); "
+    r"torchrun restarts every rank \(restart 1 of 1\)"
+)
 
 
 def cli_env(tmpdir: Path, **extra: str) -> dict[str, str]:
@@ -69,7 +76,7 @@ def test_a_dead_rank_restarts_the_group_which_resumes_from_the_last_checkpoint(
     done = train(run_dir, "--max-restarts", "1", fault="exit:1:5")
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count(f"rank 1: {FAULT_ENV}: exiting at step 5") == 1, done.stdout  # fired once
-    assert RESTART_NOTICE in done.stderr, done.stderr
+    assert RESTART_NOTICE.search(done.stderr), done.stderr
     assert "steps 8  wall" in done.stdout and f"run directory: {run_dir}" in done.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["steps"], summary["resumed_from"], summary["restarts"]) == (8, 4, 1)
@@ -86,7 +93,8 @@ def test_a_fault_before_any_checkpoint_restarts_the_run_from_scratch(
     run_dir = tmp_path / "run"
     done = train(run_dir, "--max-restarts", "1", fault="exit:1:1")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert RESTART_NOTICE in done.stderr, done.stderr
+    assert done.stdout.count(f"rank 1: {FAULT_ENV}: exiting at step 1") == 1, done.stdout  # fired once
+    assert RESTART_NOTICE.search(done.stderr), done.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["steps"], summary["resumed_from"], summary["restarts"]) == (8, 0, 0)
     assert_bit_identical(final_model(run_dir), uninterrupted)
