@@ -134,7 +134,8 @@ class GramianProtocol(TaskParallelProtocol):
         self.chunks_of = chunk_cover(sizes, self.k_size, self.shard, self.chunks)
         self.waiting = [sum(c in cs for cs in self.chunks_of) for c in range(self.chunks)]
         self.fired = [0] * len(self.shared)
-        self.early = 0  # chunk rounds launched this step while their task's backward still ran
+        self.early = 0  # chunk rounds launched this step before their task's last gradient arrived
+        self.settled = 0
         for index, p in enumerate(self.shared):
             p.register_post_accumulate_grad_hook(lambda _p, index=index: self._on_gradient(index))
 
@@ -193,32 +194,36 @@ class GramianProtocol(TaskParallelProtocol):
         self.current, self.next_chunk = i, self.chunks - 1
         self.remaining = list(self.waiting)
         self.fired = [0] * len(self.shared)
+        self.settled = 0
         self._launch_ready()
 
     def end_task(self, i: int) -> None:
-        """Every chunk not launched yet (a parameter without a gradient never fires) goes now; a
-        parameter whose gradient accumulated twice (used twice in the forward) fails the step, since its
-        chunk may have left with half of it."""
+        """Every chunk not launched yet (a parameter without a gradient never fires) goes now. A
+        parameter used several times in the forward (tied weights) still accumulates once (autograd
+        sums its uses first); one whose gradient arrived in several accumulations (a backward that
+        re-enters, say) fails the step, since its chunk may have left with part of it."""
         if not self.overlapping:
             super().end_task(i)
             return
         if not self.hooked:  # one chunk: the task's round goes when its backward has ended
             self._start_chunk(i, 0)
             return
-        self.remaining = [-1] * self.chunks  # forced: -1 tells _launch_ready it was not early
+        self.remaining = [0] * self.chunks
         self._launch_ready()
+        self.early += self.settled  # chunks that left before the task's last gradient arrived
         self.current = None
         if any(n > 1 for n in self.fired):
             twice = [index for index, n in enumerate(self.fired) if n > 1]
             raise RuntimeError(
-                f"shared parameters {twice} received their gradient in several parts within one task's "
-                "backward (used more than once in the forward), so engine.overlap_chunks cannot tell when "
-                "they are complete; set engine.overlap_chunks=1 or engine.overlap=false"
+                f"shared parameters {twice} received their gradient in several accumulations within one "
+                "task's backward, so engine.overlap_chunks cannot tell when they are complete; set "
+                "engine.overlap_chunks=1 or engine.overlap=false"
             )
 
     def _on_gradient(self, index: int) -> None:
         if self.current is None:  # the one-backward path, evaluation tools: not a task's backward
             return
+        self.settled = self.chunks - 1 - self.next_chunk  # chunks out before this gradient
         self.fired[index] += 1
         for c in self.chunks_of[index]:
             self.remaining[c] -= 1
@@ -229,7 +234,6 @@ class GramianProtocol(TaskParallelProtocol):
         assert self.current is not None
         while self.next_chunk >= 0 and self.remaining[self.next_chunk] <= 0:
             self._start_chunk(self.current, self.next_chunk)
-            self.early += self.remaining[self.next_chunk] == 0  # not forced by end_task
             self.next_chunk -= 1
 
     def _start_chunk(self, i: int, c: int) -> None:
