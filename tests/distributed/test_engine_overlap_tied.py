@@ -58,14 +58,23 @@ def step_once(tied: bool, overrides: list[str]) -> tuple[dict[str, float], list[
     torch.manual_seed(0)
     model = MultiTaskModel(TiedEncoder(tied), [nn.Linear(8, 2) for _ in range(3)])
     layout = resolve_layout(cfg, 1, 3)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
-    with process_group(layout, CPU, 30.0) as mesh:
-        engine = Engine(cfg, layout, mesh, CPU)
-        optimizer = build_optimizer(cfg, list(model.parameters()))
-        step = engine.make_step(cfg, model, build_balancer_for(cfg), optimizer)
-        x, y = torch.randn(16, 8), torch.randint(0, 2, (16, 3))
-        info = step(x, y, StepRecorder()).solution.info
-        return info, [p.detach().clone() for p in model.parameters()]
+    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1"}
+    saved = {k: os.environ.get(k) for k in rendezvous}
+    os.environ.update(rendezvous)  # for this process group only: later tests spawn ranks of their own
+    try:
+        with process_group(layout, CPU, 30.0) as mesh:
+            engine = Engine(cfg, layout, mesh, CPU)
+            optimizer = build_optimizer(cfg, list(model.parameters()))
+            step = engine.make_step(cfg, model, build_balancer_for(cfg), optimizer)
+            x, y = torch.randn(16, 8), torch.randint(0, 2, (16, 3))
+            info = step(x, y, StepRecorder()).solution.info
+            return info, [p.detach().clone() for p in model.parameters()]
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
