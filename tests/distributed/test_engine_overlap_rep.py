@@ -21,16 +21,15 @@ import pytest
 from dist_mtl.build import build_datasets, build_model_for
 from dist_mtl.config import load_config
 from dist_mtl.engine.buckets import bucket_sizes, cap_elements
-from dist_mtl.engine.traffic import F32, StepShape, all_gather_bytes, step_bytes
+from dist_mtl.engine.traffic import F32, StepShape, step_bytes
 from tests.distributed.harness import (
     BASE,
     compare,
     load,
-    read_jsonl,
     run_worker,
     single_process_references,
 )
-from tests.distributed.test_engine_contract import REP, step_kind
+from tests.distributed.test_engine_contract import REP, accounted_bytes_errors
 
 pytestmark = [pytest.mark.distributed]
 
@@ -63,25 +62,6 @@ def rep_shape(overrides: list[str], run_dir: Path, world_size: int) -> StepShape
     )
 
 
-def accounted_errors(run_dir: Path, overrides: list[str], world_size: int) -> list[str]:
-    """Accounted (sent, received) per rank and step against the model (plus the every-step checksum)."""
-    shape = rep_shape(overrides, run_dir, world_size)
-    check = all_gather_bytes(16, world_size)
-    errors = []
-    for rank in range(world_size):
-        for record in read_jsonl(run_dir / "metrics" / f"rank{rank}.jsonl"):
-            if "bytes_sent/total" not in record:
-                continue
-            kind = step_kind(overrides, record["step"])
-            sent, recv = step_bytes("rep", dataclasses.replace(shape, kind=kind), rank)
-            got = (record["bytes_sent/total"], record["bytes_recv/total"])
-            if got != (sent + check[0], recv + check[1]):
-                errors.append(
-                    f"rank {rank} step {record['step']} ({kind}): accounted {got}, model {sent, recv}"
-                )
-    return errors
-
-
 def test_tiny_buckets_are_several_and_change_the_three_rank_byte_model(tmp_path: Path) -> None:
     """The cases exercise what they claim: several buckets, a parameter cut, and a 3-rank byte model
     that tells bucketed from whole."""
@@ -99,6 +79,6 @@ def test_bucketed_rep_equals_single_process(world_size: int, tmp_path: Path, ref
     failures = []
     for name, overrides in CASES.items():
         diffs = compare(load(tmp_path / name / "checkpoints" / "last.pt"), reference(overrides))
-        diffs += accounted_errors(tmp_path / name, overrides, world_size)
+        diffs += accounted_bytes_errors(tmp_path / name, overrides, world_size)
         failures += [f"rep{world_size}-{name}: {d}" for d in diffs[:5]]
     assert not failures, "\n".join(failures)

@@ -133,7 +133,9 @@ class GramianProtocol(TaskParallelProtocol):
         sizes = [p.numel() for p in self.shared]
         self.chunks_of = chunk_cover(sizes, self.k_size, self.shard, self.chunks)
         self.waiting = [sum(c in cs for cs in self.chunks_of) for c in range(self.chunks)]
-        self.fired = [0] * len(self.shared)
+        self.seen = [-1] * len(self.shared)  # the task (stamp) whose gradient each parameter last had
+        self.stamp = 0
+        self.twice: list[int] = []
         self.early = 0  # chunk rounds launched this step before their task's last gradient arrived
         self.settled = 0
         for index, p in enumerate(self.shared):
@@ -180,9 +182,6 @@ class GramianProtocol(TaskParallelProtocol):
 
     # --- overlap: chunk c of round i of the all-to-all, then its Gramian rows ---------------------
 
-    def task_row(self, i: int) -> torch.Tensor:
-        return self.block.grads[i]
-
     def overlap_rest(self) -> torch.Tensor:
         return self.replica_part[: self.head_grad.buffer.numel() + self.t_max]
 
@@ -193,7 +192,7 @@ class GramianProtocol(TaskParallelProtocol):
             return
         self.current, self.next_chunk = i, self.chunks - 1
         self.remaining = list(self.waiting)
-        self.fired = [0] * len(self.shared)
+        self.stamp += 1
         self.settled = 0
         self._launch_ready()
 
@@ -212,19 +211,20 @@ class GramianProtocol(TaskParallelProtocol):
         self._launch_ready()
         self.early += self.settled  # chunks that left before the task's last gradient arrived
         self.current = None
-        if any(n > 1 for n in self.fired):
-            twice = [index for index, n in enumerate(self.fired) if n > 1]
+        if self.twice:
             raise RuntimeError(
-                f"shared parameters {twice} received their gradient in several accumulations within one "
-                "task's backward, so engine.overlap_chunks cannot tell when they are complete; set "
-                "engine.overlap_chunks=1 or engine.overlap=false"
+                f"shared parameters {sorted(set(self.twice))} received their gradient in several "
+                "accumulations within one task's backward, so engine.overlap_chunks cannot tell when "
+                "they are complete; set engine.overlap_chunks=1 or engine.overlap=false"
             )
 
     def _on_gradient(self, index: int) -> None:
         if self.current is None:  # the one-backward path, evaluation tools: not a task's backward
             return
         self.settled = self.chunks - 1 - self.next_chunk  # chunks out before this gradient
-        self.fired[index] += 1
+        if self.seen[index] == self.stamp:
+            self.twice.append(index)
+        self.seen[index] = self.stamp
         for c in self.chunks_of[index]:
             self.remaining[c] -= 1
         self._launch_ready()
